@@ -1,0 +1,126 @@
+"""Shared pytest fixtures.
+
+The first section holds only the *service* fixtures: real Redis, Redis Cluster and
+PostgreSQL servers started on free 127.0.0.1 ports by ``scripts.services`` (local
+processes, or testcontainers when Docker answers; ``TIEREDCACHE_USE_DOCKER=0/1``
+forces it). Library fixtures go in their own section below it, not mixed in.
+
+A service that cannot start makes the tests that need it FAIL with the reason and
+the server's log tail; they are never skipped. Flushing uses raw RESP over stdlib
+sockets, so these fixtures do not need redis-py.
+
+Fixtures:
+
+* ``redis_server`` (session): one standalone Redis for the whole run.
+* ``redis_url`` (function): FLUSHALLs ``redis_server`` and returns its URL
+  ("redis://127.0.0.1:PORT/0"); restarts the server if an earlier test killed it.
+* ``redis_cluster`` (session): one 3-master Redis Cluster, all 16384 slots assigned.
+* ``redis_cluster_nodes`` (function): FLUSHALLs every master and returns
+  ``[(host, port), ...]``.
+* ``postgres_server`` (session): a throwaway PostgreSQL 15 (``.dsn``,
+  ``wal_level=logical``).
+* ``fresh_redis_server`` (function): a dedicated, started Redis for a test that
+  kills or restarts it; stopped afterwards. Extra ``redis-server`` arguments come
+  by indirect parametrization::
+
+      @pytest.mark.parametrize(
+          "fresh_redis_server", [["--appendonly", "yes", "--appendfsync", "always"]],
+          indirect=True,
+      )
+      def test_survives_restart(fresh_redis_server): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+import pytest
+
+from scripts import services
+from scripts.services import PostgresServer, RedisClusterService, RedisService, ServiceError
+
+# --------------------------------------------------------------------------- services
+
+_S = TypeVar("_S", RedisService, RedisClusterService, PostgresServer)
+
+
+def _start(service: _S, what: str) -> _S:
+    try:
+        return service.start()
+    except ServiceError as exc:
+        reason = str(exc)
+    # Outside the except block, so the report shows the reason without a chained traceback.
+    pytest.fail(f"could not start {what}: {reason}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisService]:
+    """One standalone Redis for the session; use ``redis_url`` to get it flushed."""
+    server = _start(services.redis_server(), "Redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisService) -> str:
+    """URL of the session Redis, emptied (FLUSHALL) before the test."""
+    try:
+        services.flushall(redis_server.host, redis_server.port)
+    except (OSError, ServiceError):
+        # An earlier test stopped or killed the shared server: bring it back, same port.
+        try:
+            redis_server.restart()
+            services.flushall(redis_server.host, redis_server.port)
+        except (OSError, ServiceError) as exc:
+            pytest.fail(f"the session Redis at {redis_server.url} is unusable: {exc}")
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterService]:
+    """One 3-master Redis Cluster for the session; every slot is assigned."""
+    cluster = _start(services.redis_cluster(), "Redis Cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_nodes(redis_cluster: RedisClusterService) -> list[tuple[str, int]]:
+    """``(host, port)`` of every cluster master, all emptied (FLUSHALL) before the test."""
+    nodes = redis_cluster.nodes
+    for host, port in nodes:
+        try:
+            services.flushall(host, port)
+        except (OSError, ServiceError) as exc:
+            pytest.fail(f"cannot flush Redis Cluster node {host}:{port}: {exc}")
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL 15 for the session (``.dsn``, logical replication on)."""
+    server = _start(PostgresServer(), "PostgreSQL")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_redis_server(request: pytest.FixtureRequest) -> Iterator[RedisService]:
+    """A started Redis of the test's own, free to kill and restart; stopped afterwards.
+
+    ``request.param`` (indirect parametrization) is a list of extra
+    ``redis-server`` arguments, e.g. to turn on AOF persistence.
+    """
+    extra_args: list[str] = list(getattr(request, "param", []))
+    server = _start(services.redis_server(extra_args=extra_args), "Redis")
+    try:
+        yield server
+    finally:
+        server.stop()

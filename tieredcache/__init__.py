@@ -1,0 +1,87 @@
+"""tieredcache: tenant-scoped tiered caching for multi-tenant services.
+
+    from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
+
+    cache = TieredCache(namespace="shop", layers=[MemoryLayer(), RedisLayer(url="redis://...")])
+
+    @cache.cached(ttl=60, tags=lambda product_id: [f"product:{product_id}"])
+    async def get_product(product_id: int) -> dict: ...
+
+    with tenant_scope("acme"):
+        await get_product(42)
+
+Importing the package does no work: no cache, no connection, no thread.
+"""
+
+from .breaker import CircuitBreaker
+from .cache import InvalidationResult, TieredCache
+from .decorator import AsyncCachedFunction, CachedFunction
+from .entry import Entry
+from .errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    EncodeError,
+    InvalidKeyError,
+    InvalidTenantError,
+    LoaderTimeoutError,
+    MissingExtraError,
+    SerializationError,
+    TenantError,
+    TenantRequiredError,
+    TieredCacheError,
+    WriteBackError,
+)
+from .keys import CacheKey, Tag
+from .layers.base import InvalidationLayer, StorageLayer
+from .layers.memory import MemoryLayer
+from .layers.redis import RedisLayer
+from .metrics import CacheStats, LayerStats, LoaderStats
+from .policy import Policy
+from .serde import JsonSerializer, MsgpackSerializer, PickleSerializer, Serializer
+from .tenancy import current_tenant, tenant_scope, validate_tenant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncCachedFunction",
+    "BackendError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
+    "CacheKey",
+    "CacheStats",
+    "CachedFunction",
+    "CircuitBreaker",
+    "ConfigurationError",
+    "DecodeError",
+    "EncodeError",
+    "Entry",
+    "InvalidKeyError",
+    "InvalidTenantError",
+    "InvalidationLayer",
+    "InvalidationResult",
+    "JsonSerializer",
+    "LayerStats",
+    "LoaderStats",
+    "LoaderTimeoutError",
+    "MemoryLayer",
+    "MissingExtraError",
+    "MsgpackSerializer",
+    "PickleSerializer",
+    "Policy",
+    "RedisLayer",
+    "SerializationError",
+    "Serializer",
+    "StorageLayer",
+    "Tag",
+    "TenantError",
+    "TenantRequiredError",
+    "TieredCache",
+    "TieredCacheError",
+    "WriteBackError",
+    "current_tenant",
+    "tenant_scope",
+    "validate_tenant",
+]

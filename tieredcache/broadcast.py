@@ -1,0 +1,215 @@
+"""Redis pub/sub between replicas: invalidations for every in-process layer, fill wake-ups.
+
+One daemon thread per cache subscribes to two channels of its namespace:
+
+- ``{prefix}:inval:{namespace}``: JSON ``{"o": origin, "k": [keys], "t": [tags]}``.
+  Every replica drops those keys and tags from its in-process layers. The CDC
+  worker publishes the same messages.
+- ``{prefix}:fills:{namespace}``: a full key, published when a fill lock is
+  released; processes waiting for that fill wake up instead of polling.
+
+If the subscription breaks, messages may have been missed, so on reconnect the
+in-process layers are cleared: a cold L1 is slower, a stale one is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from .keys import CacheKey, Tag
+
+__all__ = ["InvalidationMessage", "Notifier"]
+
+log = logging.getLogger("tieredcache.broadcast")
+
+
+class InvalidationMessage(msgspec.Struct, omit_defaults=True):
+    """The wire form of a broadcast invalidation (keys and tags as ``namespace:tenant:...``)."""
+
+    o: str = ""
+    k: list[str] = []
+    t: list[str] = []
+
+
+def invalidation_channel(prefix: str, namespace: str) -> str:
+    return f"{prefix}:inval:{namespace}"
+
+
+def fills_channel(prefix: str, namespace: str) -> str:
+    return f"{prefix}:fills:{namespace}"
+
+
+def parse_key(full: str) -> CacheKey:
+    namespace, tenant, body = full.split(":", 2)
+    return CacheKey(namespace, tenant, body)
+
+
+def parse_tag(full: str) -> Tag:
+    namespace, tenant, name = full.split(":", 2)
+    return Tag(namespace, tenant, name)
+
+
+class _Waiter:
+    __slots__ = ("event", "futures", "refs")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.refs = 0
+
+    def wake(self) -> None:
+        self.event.set()
+        for loop, future in self.futures:
+            loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Notifier:
+    """The subscriber thread of one cache; see the module docstring."""
+
+    def __init__(
+        self,
+        make_pubsub: Callable[[], Any],
+        *,
+        prefix: str,
+        namespace: str,
+        on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
+        on_resync: Callable[[], None],
+        on_error: Callable[[], None] = lambda: None,
+        reconnect_delay: float = 0.5,
+    ) -> None:
+        self.origin = uuid.uuid4().hex
+        self.inval_channel = invalidation_channel(prefix, namespace)
+        self.fills_channel = fills_channel(prefix, namespace)
+        self._make_pubsub = make_pubsub
+        self._on_invalidate = on_invalidate
+        self._on_resync = on_resync
+        self._on_error = on_error
+        self._reconnect_delay = reconnect_delay
+        self._waiters: dict[str, _Waiter] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.resyncs = 0
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, wait: float = 2.0) -> bool:
+        """Start the thread once; wait up to ``wait`` s for the subscription."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"tieredcache-notifier-{self.inval_channel}", daemon=True
+                )
+                self._thread.start()
+        return self.ready.wait(wait)
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=3)
+        self._thread = None
+
+    def _run(self) -> None:
+        connected_before = False
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._make_pubsub()
+                pubsub.subscribe(self.inval_channel, self.fills_channel)
+                # Wait for both subscription confirmations before declaring readiness.
+                confirmed = 0
+                while confirmed < 2 and not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "subscribe":
+                        confirmed += 1
+                if connected_before:
+                    self.resyncs += 1
+                    self._on_resync()
+                connected_before = True
+                self.ready.set()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None and message.get("type") == "message":
+                        self._dispatch(message["channel"], message["data"])
+            except Exception as exc:  # any failure: reconnect after a pause
+                self.ready.clear()
+                self._on_error()
+                log.warning("tieredcache notifier lost its subscription: %s", exc)
+                self._stop.wait(self._reconnect_delay)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # closing a broken connection may fail too
+                        pass
+
+    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        raw = data.encode() if isinstance(data, str) else data
+        if channel == self.fills_channel:
+            with self._lock:
+                waiter = self._waiters.get(raw.decode(errors="replace"))
+            if waiter is not None:
+                waiter.wake()
+            return
+        try:
+            message = msgspec.json.decode(raw, type=InvalidationMessage)
+            if message.o == self.origin:
+                return
+            keys = [parse_key(k) for k in message.k]
+            tags = [parse_tag(t) for t in message.t]
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.warning("tieredcache ignored a malformed invalidation message %r: %s", raw[:200], exc)
+            self._on_error()
+            return
+        self._on_invalidate(keys, tags)
+
+    # -- fill waiters ---------------------------------------------------------
+    def _waiter(self, full_key: str) -> _Waiter:
+        waiter = self._waiters.get(full_key)
+        if waiter is None or waiter.event.is_set():
+            waiter = self._waiters[full_key] = _Waiter()
+        waiter.refs += 1
+        return waiter
+
+    def register(self, full_key: str) -> _Waiter:
+        """A waiter woken when the fill lock of ``full_key`` is released."""
+        with self._lock:
+            return self._waiter(full_key)
+
+    def register_async(self, full_key: str) -> tuple[_Waiter, asyncio.Future[None]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            waiter = self._waiter(full_key)
+            waiter.futures.append((loop, future))
+        return waiter, future
+
+    def unregister(self, full_key: str, waiter: _Waiter) -> None:
+        with self._lock:
+            waiter.refs -= 1
+            waiter.futures = [(loop, f) for loop, f in waiter.futures if not f.done()]
+            if waiter.refs <= 0 and self._waiters.get(full_key) is waiter:
+                del self._waiters[full_key]
+
+    def waiting(self) -> int:
+        """How many keys have waiters (for tests and metrics)."""
+        return len(self._waiters)
+
+    def encode_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bytes:
+        message = InvalidationMessage(self.origin, [k.full for k in keys], [t.full for t in tags])
+        return msgspec.json.encode(message)

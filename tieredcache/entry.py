@@ -1,0 +1,35 @@
+"""A cached value and the times that govern it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Entry"]
+
+
+@dataclass(slots=True)
+class Entry:
+    """A value with its timeline, in wall-clock seconds (shared across processes).
+
+    ``fresh_until``: served as a hit before this. ``stale_until``: kept after
+    ``fresh_until`` so it can be served stale (stale-while-revalidate,
+    fail-safe) until this; the layers drop it then. ``compute_time``: how long
+    the loader took, for XFetch early recomputation.
+    """
+
+    value: Any
+    created_at: float
+    fresh_until: float
+    stale_until: float
+    compute_time: float = 0.0
+
+    def is_fresh(self, now: float) -> bool:
+        return now < self.fresh_until
+
+    def is_servable_stale(self, now: float) -> bool:
+        return now < self.stale_until
+
+    def remaining_ttl(self, now: float) -> float:
+        """Seconds a layer should keep the entry (until ``stale_until``)."""
+        return self.stale_until - now

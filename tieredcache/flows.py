@@ -1,0 +1,447 @@
+"""The caching strategies as sans-I/O generators, written once for sync and async.
+
+A flow yields operations (``Get``, ``Set``, ``Load``, ...) and receives their
+results; :mod:`tieredcache.runners` executes them with blocking or awaitable
+I/O (the pattern of httpx's ``Auth.auth_flow``). Layer failures never reach a
+flow: the runner turns them into ``None`` results, counts them and trips the
+layer's breaker, so a flow only decides *what* to do.
+
+Orderings that matter, and why:
+
+- Reads walk the storage layers fastest first and back-fill the faster layers
+  with the remaining TTL. The lease of a faster layer is taken before a slower
+  layer is read, so an invalidation that lands in between refuses the
+  back-fill.
+- Fills and writes go slowest first (shared layers, then the in-process one).
+  If a shared layer refuses a fill because of an invalidation, the faster
+  layers are not filled either: the shared layer's generations are the
+  authority on what was invalidated across processes.
+- Write-through takes its leases *before* calling the writer. The write then
+  stores the new value only if nothing invalidated or wrote the key since, and
+  bumps the key's generation, which refuses every fill that began before it. A
+  write whose lease was overtaken deletes the key instead: two writers racing
+  leave either the later value or nothing, never the earlier one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+from collections.abc import Callable, Generator, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .entry import Entry
+from .errors import DecodeError, EncodeError
+from .keys import CacheKey, Tag
+from .metrics import (
+    ERROR,
+    FIELDS,
+    HIT,
+    LEASE_REJECTED,
+    LOAD_ERRORS,
+    LOAD_TIMEOUTS,
+    LOCK_WAITS,
+    MISS,
+    STALE,
+)
+from .policy import Policy
+from .serde import Decoder, EntryCodec
+
+__all__ = ["Flow", "ReadRequest"]
+
+# -- operations ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Get:
+    """Read ``key`` from storage layer ``layer`` -> (stored value or None, lease)."""
+
+    layer: int
+
+
+@dataclass(slots=True)
+class Set:
+    """Store in layer ``layer`` -> True, False (lease refused) or None (layer failed)."""
+
+    layer: int
+    stored: Any
+    entry: Entry
+    lease: Any
+    bump: bool = False
+
+
+@dataclass(slots=True)
+class Delete:
+    """Invalidate the request's key in layer ``layer``."""
+
+    layer: int
+
+
+@dataclass(slots=True)
+class Load:
+    """Call the loader -> (value, seconds) or SOFT_TIMEOUT; raises what the loader raised.
+
+    On a soft timeout the loader keeps running and ``late`` (a flow factory)
+    is run in the background with its result.
+    """
+
+    soft_timeout: float | None
+    hard_timeout: float | None
+    late: Callable[[Any, float], Flow] | None = None
+
+
+@dataclass(slots=True)
+class Lock:
+    """Try to take the fill lock in layer ``layer`` -> True, False (held) or None (failed)."""
+
+    layer: int
+    token: str
+    ttl: float
+
+
+@dataclass(slots=True)
+class Unlock:
+    layer: int
+    token: str
+
+
+@dataclass(slots=True)
+class WaitFill:
+    """Wait until the fill lock is released (pub/sub wake-up) or ``timeout`` passes."""
+
+    layer: int
+    timeout: float
+
+
+@dataclass(slots=True)
+class Refresh:
+    """Recompute the key in the background (one refresher per key)."""
+
+
+@dataclass(slots=True)
+class Invalidate:
+    """Drop ``keys`` and ``tags`` from layer ``layer`` (any layer, CDN included) -> ok."""
+
+    layer: int
+    keys: Sequence[CacheKey]
+    tags: Sequence[Tag]
+    counters: list[int] | None = None
+
+
+@dataclass(slots=True)
+class Publish:
+    """Tell the other replicas to drop ``keys`` and ``tags`` from their in-process layers -> ok."""
+
+    keys: Sequence[CacheKey]
+    tags: Sequence[Tag]
+
+
+Op = Get | Set | Delete | Load | Lock | Unlock | WaitFill | Refresh | Invalidate | Publish
+Flow = Generator[Op, Any, Any]
+SOFT_TIMEOUT: Any = object()
+BROADCAST = -1  # the position reported when the replica broadcast failed
+
+
+@dataclass(slots=True)
+class ReadRequest:
+    """Everything a flow needs to know about one call."""
+
+    key: CacheKey
+    tags: tuple[Tag, ...]
+    alias: Hashable
+    policy: Policy
+    function: str
+    counters: list[int]
+    loader: Callable[[], Any]
+    decode: Decoder
+    codec: EntryCodec
+    clock: Callable[[], float]
+    # Positions of the storage layers in the cache's layer list, fastest first,
+    # and whether each keeps objects (memory) or bytes (shared).
+    storage: Sequence[int]
+    stores_objects: Sequence[bool]
+    lock_layer: int | None
+    loader_base: int
+
+
+def _decode(req: ReadRequest, position: int, stored: Any) -> Entry | None:
+    if req.stores_objects[position]:
+        entry: Entry = stored
+        return entry
+    try:
+        return req.codec.decode(req.key.full, stored, req.decode)
+    except DecodeError:
+        return None
+
+
+def _count(req: ReadRequest, position: int, field: int) -> None:
+    req.counters[req.storage[position] * FIELDS + field] += 1
+
+
+def xfetch_due(entry: Entry, now: float, beta: float) -> bool:
+    """XFetch (Vattani et al.): refresh early with a probability that grows near expiry."""
+    if beta <= 0 or entry.compute_time <= 0:
+        return False
+    return now - entry.compute_time * beta * math.log(random.random() or 1e-300) >= entry.fresh_until
+
+
+MISSING: Any = object()
+
+
+def _walk(req: ReadRequest, leases: list[Any]) -> Generator[Op, Any, tuple[bool, Any]]:
+    """Read the layers fastest first -> (True, value) on a fresh hit, else (False, stale)."""
+    now = req.clock()
+    stale: Entry | None = None
+    for position in range(len(req.storage)):
+        stored, lease = yield Get(position)
+        leases[position] = lease
+        entry = None if stored is None else _decode(req, position, stored)
+        if stored is not None and entry is None:
+            yield Delete(position)  # undecodable or tampered: a miss, and gone
+        if entry is None or entry.stale_until <= now:
+            _count(req, position, MISS)
+            continue
+        if entry.fresh_until > now:
+            _count(req, position, HIT)
+            yield from _backfill(req, entry, leases, position)
+            if xfetch_due(entry, now, req.policy.early_refresh_beta):
+                yield Refresh()
+            return True, entry.value
+        _count(req, position, MISS)
+        if stale is None or entry.fresh_until > stale.fresh_until:
+            stale = entry
+    return False, stale
+
+
+def lookup_flow(req: ReadRequest) -> Flow:
+    """Explicit cache-aside read: the value, or MISSING; never loads."""
+    hit, result = yield from _walk(req, [None] * len(req.storage))
+    return result if hit else MISSING
+
+
+def read_flow(req: ReadRequest) -> Flow:
+    """Cache-aside / read-through read: layers, then a single load, then fills."""
+    leases: list[Any] = [None] * len(req.storage)
+    hit, result = yield from _walk(req, leases)
+    if hit:
+        return result
+    stale: Entry | None = result
+    if stale is not None and req.clock() < stale.fresh_until + req.policy.stale_while_revalidate:
+        _count(req, 0, STALE)
+        yield Refresh()
+        return stale.value
+    return (yield from load_and_fill(req, leases, stale))
+
+
+def _backfill(req: ReadRequest, entry: Entry, leases: list[Any], found_at: int) -> Flow:
+    stored_bytes: bytes | None = None
+    for position in range(found_at - 1, -1, -1):
+        if req.stores_objects[position]:
+            stored: Any = entry
+        else:
+            if stored_bytes is None:
+                stored_bytes = req.codec.encode(req.key.full, entry)
+            stored = stored_bytes
+        accepted = yield Set(position, stored, entry, leases[position])
+        if accepted is False:
+            req.counters[req.loader_base + LEASE_REJECTED] += 1
+            return
+
+
+def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> Flow:
+    """Load under the fill lock (if any), then fill every layer; fail-safe on errors."""
+    policy = req.policy
+    token: str | None = None
+    lock_layer = req.lock_layer
+    if lock_layer is not None and policy.lock:
+        token = secrets.token_hex(12)
+        got = yield Lock(lock_layer, token, policy.lock_ttl)
+        if got is False:
+            req.counters[req.loader_base + LOCK_WAITS] += 1
+            position = req.storage.index(lock_layer)
+            deadline = req.clock() + policy.lock_wait
+            while got is False:
+                remaining = deadline - req.clock()
+                if remaining <= 0:
+                    break
+                yield WaitFill(lock_layer, remaining)
+                stored, lease = yield Get(position)
+                leases[position] = lease
+                entry = None if stored is None else _decode(req, position, stored)
+                if entry is not None and entry.fresh_until > req.clock():
+                    _count(req, position, HIT)
+                    yield from _backfill(req, entry, leases, position)
+                    return entry.value
+                got = yield Lock(lock_layer, token, policy.lock_ttl)
+            if got is False and stale is not None:
+                _count(req, 0, STALE)
+                return stale.value
+        if not got:
+            token = None  # the lock layer failed or the wait ran out: load without it
+
+    soft = policy.soft_timeout if stale is not None else None
+
+    def late(value: Any, seconds: float) -> Flow:
+        return fill_flow(req, value, seconds, leases, token)
+
+    try:
+        loaded = yield Load(soft, policy.hard_timeout, late)
+    except Exception as exc:
+        if token is not None:
+            yield Unlock(lock_layer, token)  # type: ignore[arg-type]
+        failure = LOAD_TIMEOUTS if isinstance(exc, TimeoutError) else LOAD_ERRORS
+        req.counters[req.loader_base + failure] += 1
+        if stale is not None and stale.stale_until > req.clock():
+            yield from _throttle(req, stale, leases)
+            _count(req, 0, STALE)
+            return stale.value
+        raise
+    if loaded is SOFT_TIMEOUT:
+        req.counters[req.loader_base + LOAD_TIMEOUTS] += 1
+        _count(req, 0, STALE)
+        return stale.value  # type: ignore[union-attr]
+    value, seconds = loaded
+    yield from fill_flow(req, value, seconds, leases, token)
+    return value
+
+
+def make_entry(policy: Policy, value: Any, now: float, seconds: float) -> Entry | None:
+    ttl = policy.ttl_for(value)
+    if ttl <= 0:
+        return None
+    fresh_until = now + ttl
+    return Entry(value, now, fresh_until, fresh_until + policy.stale_ttl, seconds)
+
+
+def fill_flow(
+    req: ReadRequest, value: Any, seconds: float, leases: list[Any], token: str | None
+) -> Flow:
+    """Store a loaded value slowest layer first, then release the fill lock."""
+    entry = make_entry(req.policy, value, req.clock(), seconds)
+    try:
+        if entry is not None:
+            yield from _store(req, entry, leases, bump=False)
+    finally:
+        if token is not None and req.lock_layer is not None:
+            yield Unlock(req.lock_layer, token)
+
+
+def _store(req: ReadRequest, entry: Entry, leases: Sequence[Any], *, bump: bool) -> Flow:
+    """Set ``entry`` in every storage layer, slowest first; returns False on a refusal."""
+    stored_bytes: bytes | None = None
+    encodable = True
+    for position in range(len(req.storage) - 1, -1, -1):
+        if req.stores_objects[position]:
+            stored: Any = entry
+        else:
+            if not encodable:
+                continue
+            if stored_bytes is None:
+                try:
+                    stored_bytes = req.codec.encode(req.key.full, entry)
+                except EncodeError:
+                    # The value cannot be shared; it still serves this process.
+                    encodable = False
+                    _count(req, position, ERROR)
+                    continue
+            stored = stored_bytes
+        accepted = yield Set(position, stored, entry, leases[position], bump)
+        if accepted is False:
+            req.counters[req.loader_base + LEASE_REJECTED] += 1
+            return False
+    return True
+
+
+def _throttle(req: ReadRequest, stale: Entry, leases: list[Any]) -> Flow:
+    """After a failed load, re-store the stale value as fresh for a short while."""
+    now = req.clock()
+    until = now + req.policy.fail_safe_throttle
+    throttled = Entry(
+        stale.value, stale.created_at, until, max(stale.stale_until, until), stale.compute_time
+    )
+    yield from _store(req, throttled, leases, bump=False)
+
+
+def refresh_flow(req: ReadRequest, use_lock: bool = True) -> Flow:
+    """Recompute now, leases taken first.
+
+    Background refreshes (stale-while-revalidate, XFetch) take the fill lock
+    without waiting, so one process cluster-wide recomputes; an explicit
+    refresh (``use_lock=False``) always recomputes.
+    """
+    leases: list[Any] = [None] * len(req.storage)
+    for position in range(len(req.storage)):
+        _, leases[position] = yield Get(position)
+    token: str | None = None
+    if use_lock and req.lock_layer is not None and req.policy.lock:
+        token = secrets.token_hex(12)
+        got = yield Lock(req.lock_layer, token, req.policy.lock_ttl)
+        if got is False:
+            return None  # another process is refreshing this key right now
+        if got is None:
+            token = None
+    try:
+        loaded = yield Load(None, req.policy.hard_timeout)
+    except Exception:
+        if token is not None:
+            yield Unlock(req.lock_layer, token)  # type: ignore[arg-type]
+        req.counters[req.loader_base + LOAD_ERRORS] += 1
+        raise
+    value, seconds = loaded
+    yield from fill_flow(req, value, seconds, leases, token)
+    return value
+
+
+def write_flow(req: ReadRequest) -> Flow:
+    """Write-through: leases, then the writer (store first), then every layer in line."""
+    leases: list[Any] = [None] * len(req.storage)
+    for position in range(len(req.storage)):
+        _, leases[position] = yield Get(position)
+    loaded = yield Load(None, None)
+    value, seconds = loaded
+    entry = make_entry(req.policy, value, req.clock(), seconds)
+    stored_ok = False
+    if entry is not None:
+        stored_ok = yield from _store(req, entry, leases, bump=True)
+    if not stored_ok:
+        # Overtaken by another write or invalidation (or nothing to store): drop the
+        # key everywhere rather than risk leaving the older value behind.
+        for position in range(len(req.storage) - 1, -1, -1):
+            yield Delete(position)
+    yield Publish((req.key,), ())
+    return value
+
+
+def set_flow(req: ReadRequest, value: Any) -> Flow:
+    """Explicit set: store everywhere, refusing fills that began before it."""
+    entry = make_entry(req.policy, value, req.clock(), 0.0)
+    if entry is None:
+        for position in range(len(req.storage) - 1, -1, -1):
+            yield Delete(position)
+    else:
+        yield from _store(req, entry, [None] * len(req.storage), bump=True)
+    yield Publish((req.key,), ())
+
+
+def invalidate_flow(
+    layer_count: int,
+    keys: Sequence[CacheKey],
+    tags: Sequence[Tag],
+    counters: list[int] | None = None,
+) -> Generator[Op, Any, list[int]]:
+    """Drop keys and tags from every layer, slowest first, then from every replica.
+
+    Slowest first: once the shared layer has dropped a key, a reader in this
+    process can no longer find the old value there to back-fill the faster
+    layer with. Returns the positions of the layers that failed.
+    """
+    failed = []
+    for layer in range(layer_count - 1, -1, -1):
+        ok = yield Invalidate(layer, keys, tags, counters)
+        if not ok:
+            failed.append(layer)
+    if not (yield Publish(keys, tags)):
+        failed.append(BROADCAST)
+    return failed

@@ -1,0 +1,276 @@
+"""The in-process layer: a bounded LRU (cachetools) with per-entry TTL and a tag index.
+
+Values are kept as Python objects, so a hit costs one dict lookup: callers
+that mutate a returned object mutate the cached one (as with
+``functools.lru_cache``). Entries carry their own ``stale_until``; an entry
+past it is a miss and is dropped when touched, and LRU order evicts expired
+entries first in practice because nobody touches them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import cachetools
+
+from ..entry import Entry
+from ..errors import ConfigurationError
+from ..keys import CacheKey, Tag
+
+__all__ = ["MemoryLayer"]
+
+
+class _Slot:
+    __slots__ = ("entry", "full_key", "tags")
+
+    def __init__(self, entry: Entry, full_key: str, tags: tuple[str, ...]) -> None:
+        self.entry = entry
+        self.full_key = full_key
+        self.tags = tags
+
+
+class _IndexedLRU(cachetools.LRUCache[Hashable, _Slot]):
+    """An LRU that tells its owner about evictions so the indexes stay in step."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Hashable, _Slot], None]) -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Hashable, _Slot]:
+        key, slot = super().popitem()
+        self._on_evict(key, slot)
+        return key, slot
+
+
+class MemoryLayer:
+    """In-process LRU layer, thread-safe, with tag invalidation and fill leases.
+
+    >>> from tieredcache import MemoryLayer, TieredCache
+    >>> cache = TieredCache(namespace="shop", layers=[MemoryLayer(maxsize=10_000)])
+
+    ``timer`` is the wall clock used for expiry; inject a fake in tests.
+    ``max_invalidation_memory`` bounds how many recent invalidations are kept
+    to refuse stale fills; past it the oldest are folded into one watermark,
+    which refuses more fills (safe) rather than fewer.
+    """
+
+    stores_objects = True
+
+    def __init__(
+        self,
+        maxsize: int = 10_000,
+        *,
+        name: str = "memory",
+        timer: Callable[[], float] = time.time,
+        max_invalidation_memory: int = 100_000,
+    ) -> None:
+        if maxsize <= 0:
+            raise ConfigurationError(f"MemoryLayer maxsize must be positive, got {maxsize}")
+        self.name = name
+        self.timer = timer
+        self.maxsize = maxsize
+        self.lock = threading.Lock()
+        self.evictions = 0
+        self._data = _IndexedLRU(maxsize, self._evicted)
+        self._by_key: dict[str, set[Hashable]] = {}
+        self._by_tag: dict[str, set[str]] = {}
+        # Lease bookkeeping: a sequence number bumped by every invalidation, and the
+        # number at which each recently invalidated key/tag was last invalidated.
+        self._seq = 0
+        self._invalidated: cachetools.LRUCache[str, int] = cachetools.LRUCache(
+            max_invalidation_memory
+        )
+        self._watermark = 0
+
+    # -- hot path -------------------------------------------------------------
+    def lookup(self, alias: Hashable) -> Entry | None:
+        """The entry stored under ``alias`` without expiry checks (the caller checks)."""
+        with self.lock:
+            slot = self._data.get(alias)
+        return None if slot is None else slot.entry
+
+    # -- index upkeep (lock held) --------------------------------------------
+    def _evicted(self, alias: Hashable, slot: _Slot) -> None:
+        self.evictions += 1
+        self._unindex(alias, slot)
+
+    def _unindex(self, alias: Hashable, slot: _Slot) -> None:
+        aliases = self._by_key.get(slot.full_key)
+        if aliases is not None:
+            aliases.discard(alias)
+            if not aliases:
+                del self._by_key[slot.full_key]
+                for tag in slot.tags:
+                    members = self._by_tag.get(tag)
+                    if members is not None:
+                        members.discard(slot.full_key)
+                        if not members:
+                            del self._by_tag[tag]
+
+    def _drop_full_key(self, full_key: str) -> int:
+        aliases = self._by_key.pop(full_key, None)
+        if not aliases:
+            return 0
+        tags: tuple[str, ...] = ()
+        for alias in aliases:
+            slot = self._data.pop(alias, None)
+            if slot is not None:
+                tags = slot.tags
+        for tag in tags:
+            members = self._by_tag.get(tag)
+            if members is not None:
+                members.discard(full_key)
+                if not members:
+                    del self._by_tag[tag]
+        return len(aliases)
+
+    def _mark_invalidated(self, name: str) -> None:
+        self._seq += 1
+        if len(self._invalidated) >= self._invalidated.maxsize:
+            _, oldest = self._invalidated.popitem()
+            self._watermark = max(self._watermark, oldest)
+        self._invalidated[name] = self._seq
+
+    def _lease_valid(self, lease: int, full_key: str, tags: Sequence[str]) -> bool:
+        if self._watermark > lease:
+            return False
+        invalidated = self._invalidated
+        if invalidated.get("k:" + full_key, 0) > lease:
+            return False
+        return all(invalidated.get("t:" + tag, 0) <= lease for tag in tags)
+
+    # -- StorageLayer -----------------------------------------------------------
+    def get(self, key: CacheKey) -> Entry | None:
+        now = self.timer()
+        with self.lock:
+            aliases = self._by_key.get(key.full)
+            if not aliases:
+                return None
+            for alias in aliases:
+                slot = self._data.get(alias)
+                if slot is not None:
+                    if slot.entry.stale_until <= now:
+                        self._drop_full_key(key.full)
+                        return None
+                    return slot.entry
+        return None
+
+    def get_many(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
+        return [self.get(key) for key in keys]
+
+    def lease(self) -> int:
+        """A fill token: fills with it are refused after a later invalidation."""
+        return self._seq
+
+    def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Entry | None, int]:
+        with self.lock:
+            token = self._seq
+        return self.get(key), token
+
+    def set(
+        self,
+        key: CacheKey,
+        value: Any,
+        entry: Entry,
+        tags: Sequence[Tag] = (),
+        lease: Any = None,
+        bump: bool = False,
+        alias: Hashable | None = None,
+    ) -> bool:
+        """Store ``entry`` (``value`` is ignored: this layer keeps the Entry itself).
+
+        ``bump`` marks the key invalidated after storing, so fills whose lease
+        predates this write are refused (a write beats a fill in flight).
+        """
+        if entry.stale_until <= self.timer():
+            return False
+        tag_names = tuple(tag.full for tag in tags)
+        full = key.full
+        alias = full if alias is None else alias
+        with self.lock:
+            if lease is not None and not self._lease_valid(lease, full, tag_names):
+                return False
+            old = self._data.get(alias)
+            if old is not None:
+                self._unindex(alias, old)
+            if bump:
+                self._mark_invalidated("k:" + full)
+                self._drop_full_key(full)
+            self._data[alias] = _Slot(entry, full, tag_names)
+            self._by_key.setdefault(full, set()).add(alias)
+            for tag in tag_names:
+                self._by_tag.setdefault(tag, set()).add(full)
+        return True
+
+    def delete(self, keys: Sequence[CacheKey]) -> None:
+        with self.lock:
+            for key in keys:
+                self._mark_invalidated("k:" + key.full)
+                self._drop_full_key(key.full)
+
+    def delete_tags(self, tags: Sequence[Tag]) -> None:
+        with self.lock:
+            for tag in tags:
+                self._mark_invalidated("t:" + tag.full)
+                for full_key in self._by_tag.pop(tag.full, set()).copy():
+                    self._drop_full_key(full_key)
+
+    def delete_tenant(self, namespace: str, tenant: str) -> int:
+        """Drop every entry of one tenant in one namespace (e.g. on off-boarding)."""
+        prefix = f"{namespace}:{tenant}:"
+        with self.lock:
+            doomed = [k for k in self._by_key if k.startswith(prefix)]
+            for full_key in doomed:
+                self._mark_invalidated("k:" + full_key)
+                self._drop_full_key(full_key)
+        return len(doomed)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._seq += 1
+            self._watermark = self._seq
+            self._data.clear()
+            self._by_key.clear()
+            self._by_tag.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def close(self) -> None:
+        self.clear()
+
+    # -- async twins: no I/O, so they run inline --------------------------------
+    async def aget(self, key: CacheKey) -> Entry | None:
+        return self.get(key)
+
+    async def aget_many(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
+        return self.get_many(keys)
+
+    async def aget_with_lease(
+        self, key: CacheKey, tags: Sequence[Tag]
+    ) -> tuple[Entry | None, int]:
+        return self.get_with_lease(key, tags)
+
+    async def aset(
+        self,
+        key: CacheKey,
+        value: Any,
+        entry: Entry,
+        tags: Sequence[Tag] = (),
+        lease: Any = None,
+        bump: bool = False,
+        alias: Hashable | None = None,
+    ) -> bool:
+        return self.set(key, value, entry, tags, lease, bump, alias)
+
+    async def adelete(self, keys: Sequence[CacheKey]) -> None:
+        self.delete(keys)
+
+    async def adelete_tags(self, tags: Sequence[Tag]) -> None:
+        self.delete_tags(tags)
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,241 @@
+"""The Redis layer: standalone Redis or Redis Cluster, from sync and async code.
+
+One :class:`RedisLayer` serves both sync and async callers: it builds a sync
+client and, per event loop, an async client, lazily on first use (no
+connection is opened by the constructor). The commands themselves live once
+in ``_async/redis_store.py``; see :mod:`tieredcache.layers.redis_keyspace` for
+how keys map to cluster slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from ..entry import Entry
+from ..errors import BackendError, ConfigurationError, MissingExtraError
+from ..keys import CacheKey, Tag
+from ._async.redis_store import AsyncRedisStore
+from ._sync.redis_store import RedisStore
+from .redis_keyspace import RedisKeyspace
+
+__all__ = ["RedisLayer"]
+
+RedisLease = tuple[tuple[bytes | None, ...], float]
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise MissingExtraError("redis", "redis") from exc
+    return redis
+
+
+class RedisLayer:
+    """A shared layer on Redis or Redis Cluster.
+
+    >>> layer = RedisLayer(url="redis://127.0.0.1:6379/0")               # standalone
+    >>> layer = RedisLayer(cluster_nodes=[("127.0.0.1", 7000)])          # Redis Cluster
+
+    ``socket_timeout`` and ``connect_timeout`` bound every command: a slow
+    Redis is a miss, not a slow request. redis-py's own retries are off; the
+    cache's circuit breaker decides when to try again. ``tenant_slots``
+    spreads one tenant over that many hash slots (default 1 standalone, 16 on a
+    cluster). ``lease_ttl`` is how long an invalidation is remembered to refuse
+    a stale fill, so it must exceed your slowest loader.
+    """
+
+    stores_objects = False
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        cluster_nodes: Sequence[tuple[str, int]] | None = None,
+        client: Any = None,
+        async_client_factory: Callable[[], Any] | None = None,
+        name: str = "redis",
+        socket_timeout: float = 0.25,
+        connect_timeout: float = 0.25,
+        key_prefix: str = "tc",
+        tenant_slots: int | None = None,
+        lease_ttl: float = 600.0,
+        max_connections: int = 256,
+        timer: Callable[[], float] = time.time,
+    ) -> None:
+        given = sum(x is not None for x in (url, cluster_nodes, client))
+        if given != 1:
+            raise ConfigurationError("RedisLayer needs exactly one of url=, cluster_nodes=, client=")
+        if url is not None and urlparse(url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(f"RedisLayer url {url!r} must start with redis://, rediss:// or unix://")
+        if socket_timeout <= 0 or connect_timeout <= 0:
+            raise ConfigurationError("RedisLayer socket_timeout and connect_timeout must be positive")
+        self.name = name
+        self.url = url
+        self.cluster_nodes = list(cluster_nodes) if cluster_nodes else None
+        self.cluster = self.cluster_nodes is not None or _is_cluster_client(client)
+        self.keyspace = RedisKeyspace(key_prefix, tenant_slots or (16 if self.cluster else 1))
+        self.lease_ttl = lease_ttl
+        self.timer = timer
+        self._timeouts = (socket_timeout, connect_timeout)
+        self._max_connections = max_connections
+        self._client = client
+        self._async_client_factory = async_client_factory
+        self._sync_store: RedisStore | None = None
+        self._async_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisStore]
+        self._async_stores = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    # -- clients ---------------------------------------------------------------
+    def _client_kwargs(self, redis: Any) -> dict[str, Any]:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        socket_timeout, connect_timeout = self._timeouts
+        return {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "max_connections": self._max_connections,
+        }
+
+    def _build(self, asynchronous: bool) -> Any:
+        redis = _import_redis()
+        module = redis.asyncio if asynchronous else redis
+        kwargs = self._client_kwargs(redis)
+        try:
+            if self.cluster_nodes is not None:
+                cluster_mod = module.cluster
+                nodes = [cluster_mod.ClusterNode(host, port) for host, port in self.cluster_nodes]
+                kwargs.pop("max_connections")
+                return cluster_mod.RedisCluster(startup_nodes=nodes, **kwargs)
+            return module.Redis.from_url(self.url, **kwargs)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise BackendError(self.name, "connect", f"{type(exc).__name__}: {exc}") from exc
+
+    def sync_store(self) -> RedisStore:
+        store = self._sync_store
+        if store is None:
+            with self._lock:
+                if self._sync_store is None:
+                    client = self._client if self._client is not None else self._build(False)
+                    self._sync_store = RedisStore(
+                        client, cluster=self.cluster, keyspace=self.keyspace,
+                        layer=self.name, gen_px=int(self.lease_ttl * 1000),
+                    )
+                store = self._sync_store
+        return store
+
+    def async_store(self) -> AsyncRedisStore:
+        loop = asyncio.get_running_loop()
+        store = self._async_stores.get(loop)
+        if store is None:
+            if self._async_client_factory is not None:
+                client = self._async_client_factory()
+            elif self._client is not None:
+                raise ConfigurationError(
+                    f"RedisLayer {self.name!r} was given a sync client; pass "
+                    "async_client_factory= to use it from async code"
+                )
+            else:
+                client = self._build(True)
+            store = AsyncRedisStore(
+                client, cluster=self.cluster, keyspace=self.keyspace,
+                layer=self.name, gen_px=int(self.lease_ttl * 1000),
+            )
+            self._async_stores[loop] = store
+        return store
+
+    # -- leases and TTLs -----------------------------------------------------
+    def _px(self, entry: Entry) -> int:
+        return max(1, int((entry.stale_until - self.timer()) * 1000))
+
+    def _lease_expired(self, lease: RedisLease | None) -> bool:
+        # A lease older than lease_ttl may predate a generation that has since expired.
+        return lease is not None and self.timer() - lease[1] > self.lease_ttl
+
+    def _tag_set_px(self, entry: Entry) -> int:
+        return self._px(entry) + 60_000
+
+    # -- StorageLayer (sync) -------------------------------------------------
+    def get(self, key: CacheKey) -> bytes | None:
+        return self.sync_store().get(key)
+
+    def get_many(self, keys: Sequence[CacheKey]) -> list[bytes | None]:
+        return self.sync_store().get_many(keys)
+
+    def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[bytes | None, RedisLease]:
+        taken_at = self.timer()
+        value, gens = self.sync_store().get_with_lease(key, tags)
+        return value, (gens, taken_at)
+
+    def set(
+        self, key: CacheKey, value: bytes, entry: Entry, tags: Sequence[Tag] = (),
+        lease: RedisLease | None = None,
+        bump: bool = False,
+    ) -> bool:
+        if self._lease_expired(lease):
+            return False
+        gens = None if lease is None else lease[0]
+        store = self.sync_store()
+        return store.set(key, value, self._px(entry), tags, gens, self._tag_set_px(entry), bump)
+
+    def delete(self, keys: Sequence[CacheKey]) -> None:
+        self.sync_store().delete(keys)
+
+    def delete_tags(self, tags: Sequence[Tag]) -> None:
+        self.sync_store().delete_tags(tags)
+
+    def close(self) -> None:
+        store, self._sync_store = self._sync_store, None
+        if store is not None and self._client is None:
+            store.close()
+
+    # -- StorageLayer (async) ------------------------------------------------
+    async def aget(self, key: CacheKey) -> bytes | None:
+        return await self.async_store().get(key)
+
+    async def aget_many(self, keys: Sequence[CacheKey]) -> list[bytes | None]:
+        return await self.async_store().get_many(keys)
+
+    async def aget_with_lease(
+        self, key: CacheKey, tags: Sequence[Tag]
+    ) -> tuple[bytes | None, RedisLease]:
+        taken_at = self.timer()
+        value, gens = await self.async_store().get_with_lease(key, tags)
+        return value, (gens, taken_at)
+
+    async def aset(
+        self, key: CacheKey, value: bytes, entry: Entry, tags: Sequence[Tag] = (),
+        lease: RedisLease | None = None,
+        bump: bool = False,
+    ) -> bool:
+        if self._lease_expired(lease):
+            return False
+        gens = None if lease is None else lease[0]
+        store = self.async_store()
+        px, tag_px = self._px(entry), self._tag_set_px(entry)
+        return await store.set(key, value, px, tags, gens, tag_px, bump)
+
+    async def adelete(self, keys: Sequence[CacheKey]) -> None:
+        await self.async_store().delete(keys)
+
+    async def adelete_tags(self, tags: Sequence[Tag]) -> None:
+        await self.async_store().delete_tags(tags)
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        store = self._async_stores.pop(loop, None)
+        if store is not None:
+            await store.close()
+        self.close()
+
+
+def _is_cluster_client(client: Any) -> bool:
+    return client is not None and type(client).__name__ == "RedisCluster"

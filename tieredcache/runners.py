@@ -1,0 +1,388 @@
+"""Execute flows: the sync runner with blocking calls, the async one with awaits.
+
+Each operation is a few lines here; what to do lives in :mod:`tieredcache.flows`.
+Layer calls go through :class:`LayerGuard`, which applies the circuit breaker,
+counts errors and latency, and turns a failing layer into a ``None`` result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .breaker import CircuitBreaker
+from .errors import BackendError, LoaderTimeoutError
+from .flows import (
+    SOFT_TIMEOUT,
+    Delete,
+    Flow,
+    Get,
+    Invalidate,
+    Load,
+    Lock,
+    Publish,
+    ReadRequest,
+    Refresh,
+    Set,
+    Unlock,
+    WaitFill,
+)
+from .layers.memory import MemoryLayer
+from .metrics import ERROR, FIELDS, INVALIDATION, LOAD_CALLS, SET, Metrics
+
+if TYPE_CHECKING:
+    from .cache import TieredCache
+
+log = logging.getLogger("tieredcache")
+T = TypeVar("T")
+
+
+class LayerGuard:
+    """One layer with its breaker: failures are counted and become the default result."""
+
+    __slots__ = ("breaker", "index", "layer", "metrics", "name")
+
+    def __init__(
+        self, layer: Any, index: int, metrics: Metrics, breaker: CircuitBreaker | None
+    ) -> None:
+        self.layer = layer
+        self.index = index
+        self.name: str = layer.name
+        self.metrics = metrics
+        self.breaker = breaker
+
+    def _failed(self, operation: str, counters: list[int] | None, exc: BaseException) -> None:
+        if self.breaker is not None:
+            self.breaker.failure()
+        if counters is not None:
+            counters[self.index * FIELDS + ERROR] += 1
+        log.warning("tieredcache layer %s %s failed: %s", self.name, operation, exc)
+
+    def call(
+        self,
+        operation: str,
+        function: str,
+        counters: list[int] | None,
+        fn: Callable[[], T],
+        default: T,
+    ) -> T:
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow():
+            return default
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except BackendError as exc:
+            self._failed(operation, counters, exc)
+            return default
+        self.metrics.histogram(self.name, function, operation).observe(time.perf_counter() - start)
+        if breaker is not None:
+            breaker.success()
+        return result
+
+    async def acall(
+        self,
+        operation: str,
+        function: str,
+        counters: list[int] | None,
+        fn: Callable[[], Any],
+        default: Any,
+    ) -> Any:
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow():
+            return default
+        start = time.perf_counter()
+        try:
+            result = await fn()
+        except BackendError as exc:
+            self._failed(operation, counters, exc)
+            return default
+        self.metrics.histogram(self.name, function, operation).observe(time.perf_counter() - start)
+        if breaker is not None:
+            breaker.success()
+        return result
+
+
+def _set_call(guard: LayerGuard, req: ReadRequest, op: Set, prefix: str) -> Callable[[], Any]:
+    layer = guard.layer
+    method = getattr(layer, prefix + "set")
+    if isinstance(layer, MemoryLayer):
+        return lambda: method(req.key, op.stored, op.entry, req.tags, op.lease, op.bump, req.alias)
+    return lambda: method(req.key, op.stored, op.entry, req.tags, op.lease, op.bump)
+
+
+class SyncRunner:
+    """Runs flows with blocking I/O."""
+
+    def __init__(self, cache: TieredCache) -> None:
+        self.cache = cache
+
+    def run(self, flow: Flow, req: ReadRequest | None = None) -> Any:
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = flow.send(send) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            send, error = None, None
+            try:
+                send = self.dispatch(op, req)  # type: ignore[arg-type]
+            except Exception as exc:  # the loader's exception goes back into the flow
+                error = exc
+
+    def _invalidate(self, op: Invalidate) -> bool:
+        guard = self.cache.guards[op.layer]
+        layer = guard.layer
+
+        def drop() -> bool:
+            if op.keys:
+                layer.delete(op.keys)
+            if op.tags:
+                layer.delete_tags(op.tags)
+            return True
+
+        ok = guard.call("invalidate", "(invalidate)", op.counters, drop, False)
+        if ok and op.counters is not None:
+            op.counters[guard.index * FIELDS + INVALIDATION] += len(op.keys) + len(op.tags)
+        return ok
+
+    def dispatch(self, op: Any, req: ReadRequest) -> Any:
+        cache = self.cache
+        kind = type(op)
+        if kind is Invalidate:
+            return self._invalidate(op)
+        if kind is Publish:
+            return cache.publish_invalidation(op.keys, op.tags)
+        if kind is Get:
+            guard = cache.guards[req.storage[op.layer]]
+            layer = guard.layer
+            return guard.call(
+                "get", req.function, req.counters,
+                lambda: layer.get_with_lease(req.key, req.tags), (None, None),
+            )
+        if kind is Set:
+            guard = cache.guards[req.storage[op.layer]]
+            accepted = guard.call("set", req.function, req.counters, _set_call(guard, req, op, ""), None)
+            if accepted:
+                req.counters[guard.index * FIELDS + SET] += 1
+            return accepted
+        if kind is Load:
+            return self._load(op, req)
+        if kind is Delete:
+            guard = cache.guards[req.storage[op.layer]]
+            layer = guard.layer
+            guard.call("delete", req.function, req.counters, lambda: layer.delete([req.key]), None)
+            req.counters[guard.index * FIELDS + INVALIDATION] += 1
+            return None
+        if kind is Lock:
+            guard = cache.guards[op.layer]
+            layer = guard.layer
+            px = int(op.ttl * 1000)
+            return guard.call(
+                "lock", req.function, req.counters,
+                lambda: layer.sync_store().acquire_lock(req.key, op.token, px), None,
+            )
+        if kind is Unlock:
+            guard = cache.guards[op.layer]
+            layer = guard.layer
+            channel = cache.fills_channel
+            return guard.call(
+                "unlock", req.function, req.counters,
+                lambda: layer.sync_store().release_lock(req.key, op.token, channel), None,
+            )
+        if kind is WaitFill:
+            return self._wait_fill(op, req)
+        if kind is Refresh:
+            cache.spawn_refresh(req)
+            return None
+        raise TypeError(f"unknown operation {op!r}")
+
+    def _load(self, op: Load, req: ReadRequest) -> Any:
+        req.counters[req.loader_base + LOAD_CALLS] += 1
+        start = time.perf_counter()
+        timeout = op.soft_timeout if op.soft_timeout is not None else op.hard_timeout
+        if timeout is None:
+            value = req.loader()
+            return value, time.perf_counter() - start
+        # A timeout needs the loader on another thread; it cannot be interrupted, so
+        # past the timeout it keeps running and its result still fills the cache.
+        future = self.cache.executor().submit(contextvars.copy_context().run, req.loader)
+        try:
+            value = future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            if op.late is not None:
+                late = op.late
+
+                def finish(done: concurrent.futures.Future[Any]) -> None:
+                    if done.exception() is None:
+                        self.cache.run_background(late(done.result(), time.perf_counter() - start), req)
+
+                future.add_done_callback(finish)
+            if op.soft_timeout is not None:
+                return SOFT_TIMEOUT
+            raise LoaderTimeoutError(req.function, req.key.full, timeout) from None
+        return value, time.perf_counter() - start
+
+    def _wait_fill(self, op: WaitFill, req: ReadRequest) -> None:
+        cache = self.cache
+        notifier = cache.notifier()
+        guard = cache.guards[op.layer]
+        layer = guard.layer
+        if notifier is None:
+            time.sleep(min(op.timeout, 0.05))  # no subscriber: a short, bounded pause
+            return
+        waiter = notifier.register(req.key.full)
+        try:
+            # Registered first, then checked: a release in between still wakes us.
+            held = guard.call(
+                "lock", req.function, req.counters, lambda: layer.sync_store().lock_held(req.key), False
+            )
+            if held:
+                waiter.event.wait(op.timeout)
+        finally:
+            notifier.unregister(req.key.full, waiter)
+
+
+class AsyncRunner:
+    """Runs flows with awaitable I/O."""
+
+    def __init__(self, cache: TieredCache) -> None:
+        self.cache = cache
+
+    async def run(self, flow: Flow, req: ReadRequest | None = None) -> Any:
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = flow.send(send) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            send, error = None, None
+            try:
+                send = await self.dispatch(op, req)  # type: ignore[arg-type]
+            except Exception as exc:  # the loader's exception goes back into the flow
+                error = exc
+
+    async def _invalidate(self, op: Invalidate) -> bool:
+        guard = self.cache.guards[op.layer]
+        layer = guard.layer
+
+        async def drop() -> bool:
+            if op.keys:
+                await layer.adelete(op.keys)
+            if op.tags:
+                await layer.adelete_tags(op.tags)
+            return True
+
+        ok: bool = await guard.acall("invalidate", "(invalidate)", op.counters, drop, False)
+        if ok and op.counters is not None:
+            op.counters[guard.index * FIELDS + INVALIDATION] += len(op.keys) + len(op.tags)
+        return ok
+
+    async def dispatch(self, op: Any, req: ReadRequest) -> Any:
+        cache = self.cache
+        kind = type(op)
+        if kind is Invalidate:
+            return await self._invalidate(op)
+        if kind is Publish:
+            return await cache.apublish_invalidation(op.keys, op.tags)
+        if kind is Get:
+            guard = cache.guards[req.storage[op.layer]]
+            layer = guard.layer
+            return await guard.acall(
+                "get", req.function, req.counters,
+                lambda: layer.aget_with_lease(req.key, req.tags), (None, None),
+            )
+        if kind is Set:
+            guard = cache.guards[req.storage[op.layer]]
+            accepted = await guard.acall(
+                "set", req.function, req.counters, _set_call(guard, req, op, "a"), None
+            )
+            if accepted:
+                req.counters[guard.index * FIELDS + SET] += 1
+            return accepted
+        if kind is Load:
+            return await self._load(op, req)
+        if kind is Delete:
+            guard = cache.guards[req.storage[op.layer]]
+            layer = guard.layer
+            await guard.acall("delete", req.function, req.counters, lambda: layer.adelete([req.key]), None)
+            req.counters[guard.index * FIELDS + INVALIDATION] += 1
+            return None
+        if kind is Lock:
+            guard = cache.guards[op.layer]
+            layer = guard.layer
+            px = int(op.ttl * 1000)
+            return await guard.acall(
+                "lock", req.function, req.counters,
+                lambda: layer.async_store().acquire_lock(req.key, op.token, px), None,
+            )
+        if kind is Unlock:
+            guard = cache.guards[op.layer]
+            layer = guard.layer
+            channel = cache.fills_channel
+            return await guard.acall(
+                "unlock", req.function, req.counters,
+                lambda: layer.async_store().release_lock(req.key, op.token, channel), None,
+            )
+        if kind is WaitFill:
+            return await self._wait_fill(op, req)
+        if kind is Refresh:
+            cache.spawn_arefresh(req)
+            return None
+        raise TypeError(f"unknown operation {op!r}")
+
+    async def _load(self, op: Load, req: ReadRequest) -> Any:
+        req.counters[req.loader_base + LOAD_CALLS] += 1
+        start = time.perf_counter()
+        timeout = op.soft_timeout if op.soft_timeout is not None else op.hard_timeout
+        if timeout is None:
+            value = await req.loader()
+            return value, time.perf_counter() - start
+        task = asyncio.ensure_future(req.loader())
+        try:
+            value = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            if op.soft_timeout is not None and op.late is not None:
+                late = op.late
+
+                def finish(done: asyncio.Future[Any]) -> None:
+                    if not done.cancelled() and done.exception() is None:
+                        self.cache.arun_background(
+                            late(done.result(), time.perf_counter() - start), req
+                        )
+
+                task.add_done_callback(finish)
+                return SOFT_TIMEOUT
+            task.cancel()  # past the hard timeout an async loader can be stopped
+            raise LoaderTimeoutError(req.function, req.key.full, timeout) from None
+        return value, time.perf_counter() - start
+
+    async def _wait_fill(self, op: WaitFill, req: ReadRequest) -> None:
+        cache = self.cache
+        notifier = cache.notifier()
+        guard = cache.guards[op.layer]
+        layer = guard.layer
+        if notifier is None:
+            await asyncio.sleep(min(op.timeout, 0.05))
+            return
+        waiter, future = notifier.register_async(req.key.full)
+        try:
+            held = await guard.acall(
+                "lock", req.function, req.counters,
+                lambda: layer.async_store().lock_held(req.key), False,
+            )
+            if held:
+                try:
+                    await asyncio.wait_for(future, op.timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            future.cancel()
+            notifier.unregister(req.key.full, waiter)
