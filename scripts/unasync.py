@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [
     (ROOT / "tieredcache/layers/_async", ROOT / "tieredcache/layers/_sync"),
+    (ROOT / "tieredcache/_async", ROOT / "tieredcache/_sync"),
 ]
 SUBS = [
     (r"\bAsync([A-Z]\w*)", r"\1"),
@@ -39,6 +40,8 @@ def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
     for source_dir, target_dir in PAIRS:
+        if not source_dir.is_dir():
+            continue
         target_dir.mkdir(exist_ok=True)
         for source in sorted(source_dir.glob("*.py")):
             target = target_dir / source.name

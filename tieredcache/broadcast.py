@@ -15,6 +15,7 @@ in-process layers are cleared: a cold L1 is slower, a stale one is wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import uuid
@@ -151,10 +152,8 @@ class Notifier:
                 self._stop.wait(self._reconnect_delay)
             finally:
                 if pubsub is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # closing a broken one may fail too
                         pubsub.close()
-                    except Exception:  # closing a broken connection may fail too
-                        pass
 
     def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
         if isinstance(channel, bytes):
@@ -173,7 +172,9 @@ class Notifier:
             keys = [parse_key(k) for k in message.k]
             tags = [parse_tag(t) for t in message.t]
         except (msgspec.DecodeError, ValueError) as exc:
-            log.warning("tieredcache ignored a malformed invalidation message %r: %s", raw[:200], exc)
+            log.warning(
+                "tieredcache ignored a malformed invalidation message %r: %s", raw[:200], exc
+            )
             self._on_error()
             return
         self._on_invalidate(keys, tags)

@@ -112,22 +112,31 @@ class TieredCache:
         self.metrics = Metrics([layer.name for layer in self.layers], max_tenants=max_tenants)
         self.guards = [
             LayerGuard(
-                layer, index, self.metrics,
-                None if isinstance(layer, MemoryLayer)
+                layer,
+                index,
+                self.metrics,
+                None
+                if isinstance(layer, MemoryLayer)
                 else CircuitBreaker(breaker_failures, breaker_reset),
             )
             for index, layer in enumerate(self.layers)
         ]
         self.storage = [i for i, layer in enumerate(self.layers) if isinstance(layer, StorageLayer)]
         if not self.storage:
-            raise ConfigurationError("TieredCache needs at least one storage layer (memory or Redis)")
-        self.stores_objects = [bool(self.layers[i].stores_objects) for i in self.storage]  # type: ignore[union-attr]
+            raise ConfigurationError(
+                "TieredCache needs at least one storage layer (memory or Redis)"
+            )
+        self.stores_objects = [
+            bool(getattr(self.layers[i], "stores_objects", False)) for i in self.storage
+        ]
         first = self.layers[self.storage[0]]
         self.memory: MemoryLayer | None = first if isinstance(first, MemoryLayer) else None
         redis_layers = [i for i in self.storage if isinstance(self.layers[i], RedisLayer)]
         self.lock_layer: int | None = redis_layers[0] if redis_layers else None
         redis_layer = self.layers[redis_layers[0]] if redis_layers else None
-        self._redis: RedisLayer | None = redis_layer if isinstance(redis_layer, RedisLayer) else None
+        self._redis: RedisLayer | None = (
+            redis_layer if isinstance(redis_layer, RedisLayer) else None
+        )
         prefix = self._redis.keyspace.prefix if self._redis else "tc"
         self.fills_channel = fills_channel(prefix, self.namespace)
         self._broadcast = broadcast and self._redis is not None
@@ -177,8 +186,14 @@ class TieredCache:
         except TypeError as exc:
             raise ConfigurationError(f"cached(): {exc}") from None
         return CacheDecorator(
-            self, resolved, tags=tags, key=key, name=name, version=version,
-            ignore=ignore, tenant_param=tenant_param,
+            self,
+            resolved,
+            tags=tags,
+            key=key,
+            name=name,
+            version=version,
+            ignore=ignore,
+            tenant_param=tenant_param,
         )
 
     def read_through(
@@ -195,7 +210,9 @@ class TieredCache:
         loads through it on a miss: callers never call the loader themselves.
         """
         if ":" in prefix or not prefix:
-            raise ConfigurationError(f"read_through prefix {prefix!r} must be non-empty, without ':'")
+            raise ConfigurationError(
+                f"read_through prefix {prefix!r} must be non-empty, without ':'"
+            )
 
         def register(loader: Callable[[str], Any]) -> Any:
             cached_loader = self.cached(
@@ -234,20 +251,35 @@ class TieredCache:
         alias: Any = None,
     ) -> ReadRequest:
         return ReadRequest(
-            key=key, tags=tags, alias=key.full if alias is None else alias, policy=policy,
-            function=function, counters=counters, loader=loader, decode=decode,
-            codec=self.codec, clock=self.clock, storage=self.storage,
-            stores_objects=self.stores_objects, lock_layer=self.lock_layer,
+            key=key,
+            tags=tags,
+            alias=key.full if alias is None else alias,
+            policy=policy,
+            function=function,
+            counters=counters,
+            loader=loader,
+            decode=decode,
+            codec=self.codec,
+            clock=self.clock,
+            storage=self.storage,
+            stores_objects=self.stores_objects,
+            lock_layer=self.lock_layer,
             loader_base=self.metrics.loader_base,
         )
 
-    def _api_request(self, key: str, tenant: str | None, ttl: float, tags: Iterable[str]) -> ReadRequest:
+    def _api_request(
+        self, key: str, tenant: str | None, ttl: float, tags: Iterable[str]
+    ) -> ReadRequest:
         scoped = self.resolve_tenant(tenant, "TieredCache")
         cache_key = CacheKey(self.namespace, scoped, key)
         return self.request(
-            cache_key, make_tags(self.namespace, scoped, tags), policy=Policy(ttl=ttl),
-            function=API_FUNCTION, counters=self.api_counters(scoped),
-            loader=_no_loader, decode=self.codec.serializer.decoder(Any),
+            cache_key,
+            make_tags(self.namespace, scoped, tags),
+            policy=Policy(ttl=ttl),
+            function=API_FUNCTION,
+            counters=self.api_counters(scoped),
+            loader=_no_loader,
+            decode=self.codec.serializer.decoder(Any),
         )
 
     def _loader_for(self, key: str) -> Any:
@@ -280,14 +312,26 @@ class TieredCache:
         return default if value is MISSING else value
 
     def set(
-        self, key: str, value: Any, *, ttl: float, tags: Iterable[str] = (), tenant: str | None = None
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        tenant: str | None = None,
     ) -> None:
         """Store ``value`` under ``key`` in every storage layer; fills in flight lose to it."""
         req = self._api_request(key, tenant, ttl, tags)
         self.sync_runner.run(set_flow(req, value), req)
 
     async def aset(
-        self, key: str, value: Any, *, ttl: float, tags: Iterable[str] = (), tenant: str | None = None
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        tenant: str | None = None,
     ) -> None:
         """Async :meth:`set`."""
         req = self._api_request(key, tenant, ttl, tags)
@@ -309,7 +353,9 @@ class TieredCache:
         for key in keys:
             if isinstance(key, CacheKey):
                 if key.tenant != scoped or key.namespace != self.namespace:
-                    raise ConfigurationError(f"key {key} is not in tenant {scoped!r} of {self.namespace!r}")
+                    raise ConfigurationError(
+                        f"key {key} is not in tenant {scoped!r} of {self.namespace!r}"
+                    )
                 cache_keys.append(key)
             else:
                 cache_keys.append(CacheKey(self.namespace, scoped, key))
@@ -380,7 +426,9 @@ class TieredCache:
                     layer.delete_tags(tags)
 
     def _resync(self) -> None:
-        log.warning("tieredcache %s: broadcast reconnected; clearing in-process layers", self.namespace)
+        log.warning(
+            "tieredcache %s: broadcast reconnected; clearing in-process layers", self.namespace
+        )
         for layer in self.layers:
             if isinstance(layer, MemoryLayer):
                 layer.clear()
@@ -392,10 +440,12 @@ class TieredCache:
         guard = self.guards[self.lock_layer]  # type: ignore[index]
         message = notifier.encode_invalidation(keys, tags)
         store = self._redis
-        return guard.call(
-            "publish", API_FUNCTION, None,
-            lambda: store.sync_store().publish(notifier.inval_channel, message) or True, False,
-        )
+
+        def publish() -> bool:
+            store.sync_store().publish(notifier.inval_channel, message)
+            return True
+
+        return guard.call("publish", API_FUNCTION, None, publish, False)
 
     async def apublish_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
         notifier = self.notifier()

@@ -13,7 +13,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .errors import ConfigurationError, TenantRequiredError
 from .flows import ReadRequest, read_flow, refresh_flow, write_flow, xfetch_due
@@ -50,7 +50,7 @@ class CacheDecorator:
         self.options = options
 
     @overload
-    def __call__(
+    def __call__(  # type: ignore[overload-overlap]
         self, func: Callable[P, Coroutine[Any, Any, R]]
     ) -> AsyncCachedFunction[P, R]: ...
 
@@ -79,7 +79,7 @@ class _CachedBase(Generic[P, R]):
         ignore: Iterable[str],
         tenant_param: str | None,
     ) -> None:
-        functools.update_wrapper(self, func)
+        functools.update_wrapper(cast(Any, self), func)
         self._cache = cache
         self.policy = policy
         self._func = func
@@ -91,7 +91,8 @@ class _CachedBase(Generic[P, R]):
         params = list(inspect.signature(func).parameters.values())
         self._tenant_index = next(
             (
-                i for i, p in enumerate(params)
+                i
+                for i, p in enumerate(params)
                 if p.name == self._tenant_param
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ),
@@ -113,7 +114,8 @@ class _CachedBase(Generic[P, R]):
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         if instance is None:
             return self
-        return functools.partial(self, instance)  # cached methods: self is ignored in keys
+        # Cached methods: ``self`` is bound here and left out of keys.
+        return functools.partial(cast(Callable[..., Any], self), instance)
 
     def _tenant(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         name = self._tenant_param
@@ -171,8 +173,14 @@ class _CachedBase(Generic[P, R]):
             except TypeError:  # unhashable arguments: the in-process layer keys by the string
                 alias = None
         return self._cache.request(
-            key, self._tags(tenant, args, kwargs), policy=self.policy, function=self.name,
-            counters=self._counters_for(tenant), loader=loader, decode=self._decode, alias=alias,
+            key,
+            self._tags(tenant, args, kwargs),
+            policy=self.policy,
+            function=self.name,
+            counters=self._counters_for(tenant),
+            loader=loader,
+            decode=self._decode,
+            alias=alias,
         )
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> CacheKey:
@@ -198,7 +206,11 @@ class CachedFunction(_CachedBase[P, R]):
         mem = self._mem
         alias: Any = None
         if mem is not None:
-            alias = (self, tenant, args, tuple(sorted(kwargs.items()))) if kwargs else (self, tenant, args)
+            alias = (
+                (self, tenant, args, tuple(sorted(kwargs.items())))
+                if kwargs
+                else (self, tenant, args)
+            )
             try:
                 with mem.lock:
                     slot = mem._data[alias]
@@ -237,7 +249,7 @@ class CachedFunction(_CachedBase[P, R]):
 
     def call_for_tenant(self, tenant: str, *args: Any) -> R:
         with tenant_scope(tenant):
-            return self(*args)  # type: ignore[arg-type]
+            return cast(Callable[..., R], self)(*args)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> InvalidationResult:
         """Drop the entry for these arguments from every layer and replica."""
@@ -289,7 +301,9 @@ class WriteThroughFunction(Generic[Q, R]):
         reader_args = self._key_args(*args, **kwargs) if self._key_args else args
         tenant = reader._tenant(tuple(reader_args), {} if self._key_args else kwargs)
         loader = functools.partial(self._func, *args, **kwargs)
-        req = reader._request(tenant, None, tuple(reader_args), {} if self._key_args else kwargs, loader)
+        req = reader._request(
+            tenant, None, tuple(reader_args), {} if self._key_args else kwargs, loader
+        )
         reader._cache.notifier()
         value: R = reader._cache.sync_runner.run(write_flow(req), req)
         return value
@@ -309,7 +323,11 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         mem = self._mem
         alias: Any = None
         if mem is not None:
-            alias = (self, tenant, args, tuple(sorted(kwargs.items()))) if kwargs else (self, tenant, args)
+            alias = (
+                (self, tenant, args, tuple(sorted(kwargs.items())))
+                if kwargs
+                else (self, tenant, args)
+            )
             try:
                 with mem.lock:
                     slot = mem._data[alias]
@@ -335,20 +353,26 @@ class AsyncCachedFunction(_CachedBase[P, R]):
                     return entry.value  # type: ignore[no-any-return]
         return await self._miss(tenant, alias, args, kwargs)
 
-    def _loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    def _loader(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[[], Awaitable[Any]]:
         return functools.partial(self._func, *args, **kwargs)
 
-    async def _miss(self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+    async def _miss(
+        self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
         cache = self._cache
         req = self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
         cache.notifier()
         runner = cache.async_runner
-        value: R = await cache.async_singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
+        value: R = await cache.async_singleflight.do(
+            req.key.full, lambda: runner.run(read_flow(req), req)
+        )
         return value
 
     async def call_for_tenant(self, tenant: str, *args: Any) -> R:
         with tenant_scope(tenant):
-            return await self(*args)  # type: ignore[arg-type]
+            return await cast(Callable[..., Awaitable[R]], self)(*args)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> InvalidationResult:
         """Drop the entry for these arguments from every layer and replica."""

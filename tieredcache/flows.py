@@ -184,7 +184,9 @@ def xfetch_due(entry: Entry, now: float, beta: float) -> bool:
     """XFetch (Vattani et al.): refresh early with a probability that grows near expiry."""
     if beta <= 0 or entry.compute_time <= 0:
         return False
-    return now - entry.compute_time * beta * math.log(random.random() or 1e-300) >= entry.fresh_until
+    return (
+        now - entry.compute_time * beta * math.log(random.random() or 1e-300) >= entry.fresh_until
+    )
 
 
 MISSING: Any = object()

@@ -29,7 +29,7 @@ MAX_TAG_LENGTH: Final = 200
 MAX_BODY_LENGTH: Final = 512
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 # Tag names travel in CDN surrogate-key headers (space or comma separated) and in Redis keys.
-_TAG_RE = re.compile(r"[A-Za-z0-9._:/=@+-]{1,%d}\Z" % MAX_TAG_LENGTH)
+_TAG_RE = re.compile(rf"[A-Za-z0-9._:/=@+-]{{1,{MAX_TAG_LENGTH}}}\Z")
 _READABLE_STR_RE = re.compile(r"[A-Za-z0-9._-]{0,48}\Z")
 _READABLE_LIMIT: Final = 64
 
@@ -172,11 +172,15 @@ class FunctionKeyBuilder:
             tenant_param = "tenant"
         if tenant_param is not None:
             if tenant_param not in params:
-                raise ConfigurationError(f"tenant_param {tenant_param!r} is not a parameter of {name}")
+                raise ConfigurationError(
+                    f"tenant_param {tenant_param!r} is not a parameter of {name}"
+                )
             ignored.add(tenant_param)
         unknown = ignored - set(params)
         if unknown:
-            raise ConfigurationError(f"ignore names unknown parameters of {name}: {sorted(unknown)}")
+            raise ConfigurationError(
+                f"ignore names unknown parameters of {name}: {sorted(unknown)}"
+            )
         self._ignore = frozenset(ignored)
         self.tenant_param = tenant_param
         body_prefix = f"{name}:v{version}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["CacheStats", "LayerStats", "LoaderStats", "Metrics"]
@@ -25,8 +25,25 @@ LOAD_CALLS, LOAD_ERRORS, LOAD_TIMEOUTS, LEASE_REJECTED, LOCK_WAITS, REFRESHES = 
 LOADER_FIELDS = 6
 LOADER_NAMES = ("calls", "errors", "timeouts", "lease_rejections", "lock_waits", "early_refreshes")
 LATENCY_BUCKETS = (
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
-    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -177,7 +194,7 @@ class Metrics:
             self._latency.clear()
             self._tenants.clear()
 
-    def snapshot(self, evictions: dict[str, int], breakers: dict[str, str]) -> CacheStats:
+    def snapshot(self, evictions: Mapping[str, int], breakers: Mapping[str, str]) -> CacheStats:
         stats = CacheStats(breakers=dict(breakers))
         for name in self.layer_names:
             stats.layers[name] = LayerStats(evictions=evictions.get(name, 0))

@@ -60,9 +60,9 @@ class Policy:
             object.__setattr__(self, "stale_ttl", self.stale_while_revalidate)
         if self.lock_ttl <= 0 or self.lock_wait <= 0:
             raise ConfigurationError("lock_ttl and lock_wait must be positive")
-        if self.soft_timeout is not None and self.hard_timeout is not None:
-            if self.soft_timeout > self.hard_timeout:
-                raise ConfigurationError("soft_timeout must not exceed hard_timeout")
+        soft, hard = self.soft_timeout, self.hard_timeout
+        if soft is not None and hard is not None and soft > hard:
+            raise ConfigurationError("soft_timeout must not exceed hard_timeout")
 
     def ttl_for(self, value: object) -> float:
         if value is None and self.negative_ttl is not None:

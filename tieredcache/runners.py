@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import time
@@ -163,12 +164,17 @@ class SyncRunner:
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
             return guard.call(
-                "get", req.function, req.counters,
-                lambda: layer.get_with_lease(req.key, req.tags), (None, None),
+                "get",
+                req.function,
+                req.counters,
+                lambda: layer.get_with_lease(req.key, req.tags),
+                (None, None),
             )
         if kind is Set:
             guard = cache.guards[req.storage[op.layer]]
-            accepted = guard.call("set", req.function, req.counters, _set_call(guard, req, op, ""), None)
+            accepted = guard.call(
+                "set", req.function, req.counters, _set_call(guard, req, op, ""), None
+            )
             if accepted:
                 req.counters[guard.index * FIELDS + SET] += 1
             return accepted
@@ -185,16 +191,22 @@ class SyncRunner:
             layer = guard.layer
             px = int(op.ttl * 1000)
             return guard.call(
-                "lock", req.function, req.counters,
-                lambda: layer.sync_store().acquire_lock(req.key, op.token, px), None,
+                "lock",
+                req.function,
+                req.counters,
+                lambda: layer.sync_store().acquire_lock(req.key, op.token, px),
+                None,
             )
         if kind is Unlock:
             guard = cache.guards[op.layer]
             layer = guard.layer
             channel = cache.fills_channel
             return guard.call(
-                "unlock", req.function, req.counters,
-                lambda: layer.sync_store().release_lock(req.key, op.token, channel), None,
+                "unlock",
+                req.function,
+                req.counters,
+                lambda: layer.sync_store().release_lock(req.key, op.token, channel),
+                None,
             )
         if kind is WaitFill:
             return self._wait_fill(op, req)
@@ -221,7 +233,9 @@ class SyncRunner:
 
                 def finish(done: concurrent.futures.Future[Any]) -> None:
                     if done.exception() is None:
-                        self.cache.run_background(late(done.result(), time.perf_counter() - start), req)
+                        self.cache.run_background(
+                            late(done.result(), time.perf_counter() - start), req
+                        )
 
                 future.add_done_callback(finish)
             if op.soft_timeout is not None:
@@ -241,7 +255,11 @@ class SyncRunner:
         try:
             # Registered first, then checked: a release in between still wakes us.
             held = guard.call(
-                "lock", req.function, req.counters, lambda: layer.sync_store().lock_held(req.key), False
+                "lock",
+                req.function,
+                req.counters,
+                lambda: layer.sync_store().lock_held(req.key),
+                False,
             )
             if held:
                 waiter.event.wait(op.timeout)
@@ -296,8 +314,11 @@ class AsyncRunner:
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
             return await guard.acall(
-                "get", req.function, req.counters,
-                lambda: layer.aget_with_lease(req.key, req.tags), (None, None),
+                "get",
+                req.function,
+                req.counters,
+                lambda: layer.aget_with_lease(req.key, req.tags),
+                (None, None),
             )
         if kind is Set:
             guard = cache.guards[req.storage[op.layer]]
@@ -312,7 +333,9 @@ class AsyncRunner:
         if kind is Delete:
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
-            await guard.acall("delete", req.function, req.counters, lambda: layer.adelete([req.key]), None)
+            await guard.acall(
+                "delete", req.function, req.counters, lambda: layer.adelete([req.key]), None
+            )
             req.counters[guard.index * FIELDS + INVALIDATION] += 1
             return None
         if kind is Lock:
@@ -320,16 +343,22 @@ class AsyncRunner:
             layer = guard.layer
             px = int(op.ttl * 1000)
             return await guard.acall(
-                "lock", req.function, req.counters,
-                lambda: layer.async_store().acquire_lock(req.key, op.token, px), None,
+                "lock",
+                req.function,
+                req.counters,
+                lambda: layer.async_store().acquire_lock(req.key, op.token, px),
+                None,
             )
         if kind is Unlock:
             guard = cache.guards[op.layer]
             layer = guard.layer
             channel = cache.fills_channel
             return await guard.acall(
-                "unlock", req.function, req.counters,
-                lambda: layer.async_store().release_lock(req.key, op.token, channel), None,
+                "unlock",
+                req.function,
+                req.counters,
+                lambda: layer.async_store().release_lock(req.key, op.token, channel),
+                None,
             )
         if kind is WaitFill:
             return await self._wait_fill(op, req)
@@ -375,14 +404,15 @@ class AsyncRunner:
         waiter, future = notifier.register_async(req.key.full)
         try:
             held = await guard.acall(
-                "lock", req.function, req.counters,
-                lambda: layer.async_store().lock_held(req.key), False,
+                "lock",
+                req.function,
+                req.counters,
+                lambda: layer.async_store().lock_held(req.key),
+                False,
             )
             if held:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(future, op.timeout)
-                except TimeoutError:
-                    pass
         finally:
             future.cancel()
             notifier.unregister(req.key.full, waiter)

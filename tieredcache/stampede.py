@@ -88,7 +88,9 @@ class AsyncSingleFlight:
             task = loop.create_task(lead())
             calls[key] = task
 
-            def done(finished: asyncio.Task[Any], calls: dict[str, asyncio.Task[Any]] = calls) -> None:
+            def done(
+                finished: asyncio.Task[Any], calls: dict[str, asyncio.Task[Any]] = calls
+            ) -> None:
                 if calls.get(key) is finished:
                     del calls[key]
                 if not finished.cancelled():

@@ -249,9 +249,7 @@ class MemoryLayer:
     async def aget_many(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
         return self.get_many(keys)
 
-    async def aget_with_lease(
-        self, key: CacheKey, tags: Sequence[Tag]
-    ) -> tuple[Entry | None, int]:
+    async def aget_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Entry | None, int]:
         return self.get_with_lease(key, tags)
 
     async def aset(

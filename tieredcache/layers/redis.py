@@ -71,11 +71,17 @@ class RedisLayer:
     ) -> None:
         given = sum(x is not None for x in (url, cluster_nodes, client))
         if given != 1:
-            raise ConfigurationError("RedisLayer needs exactly one of url=, cluster_nodes=, client=")
+            raise ConfigurationError(
+                "RedisLayer needs exactly one of url=, cluster_nodes=, client="
+            )
         if url is not None and urlparse(url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigurationError(f"RedisLayer url {url!r} must start with redis://, rediss:// or unix://")
+            raise ConfigurationError(
+                f"RedisLayer url {url!r} must start with redis://, rediss:// or unix://"
+            )
         if socket_timeout <= 0 or connect_timeout <= 0:
-            raise ConfigurationError("RedisLayer socket_timeout and connect_timeout must be positive")
+            raise ConfigurationError(
+                "RedisLayer socket_timeout and connect_timeout must be positive"
+            )
         self.name = name
         self.url = url
         self.cluster_nodes = list(cluster_nodes) if cluster_nodes else None
@@ -126,8 +132,11 @@ class RedisLayer:
                 if self._sync_store is None:
                     client = self._client if self._client is not None else self._build(False)
                     self._sync_store = RedisStore(
-                        client, cluster=self.cluster, keyspace=self.keyspace,
-                        layer=self.name, gen_px=int(self.lease_ttl * 1000),
+                        client,
+                        cluster=self.cluster,
+                        keyspace=self.keyspace,
+                        layer=self.name,
+                        gen_px=int(self.lease_ttl * 1000),
                     )
                 store = self._sync_store
         return store
@@ -146,8 +155,11 @@ class RedisLayer:
             else:
                 client = self._build(True)
             store = AsyncRedisStore(
-                client, cluster=self.cluster, keyspace=self.keyspace,
-                layer=self.name, gen_px=int(self.lease_ttl * 1000),
+                client,
+                cluster=self.cluster,
+                keyspace=self.keyspace,
+                layer=self.name,
+                gen_px=int(self.lease_ttl * 1000),
             )
             self._async_stores[loop] = store
         return store
@@ -176,7 +188,11 @@ class RedisLayer:
         return value, (gens, taken_at)
 
     def set(
-        self, key: CacheKey, value: bytes, entry: Entry, tags: Sequence[Tag] = (),
+        self,
+        key: CacheKey,
+        value: bytes,
+        entry: Entry,
+        tags: Sequence[Tag] = (),
         lease: RedisLease | None = None,
         bump: bool = False,
     ) -> bool:
@@ -212,7 +228,11 @@ class RedisLayer:
         return value, (gens, taken_at)
 
     async def aset(
-        self, key: CacheKey, value: bytes, entry: Entry, tags: Sequence[Tag] = (),
+        self,
+        key: CacheKey,
+        value: bytes,
+        entry: Entry,
+        tags: Sequence[Tag] = (),
         lease: RedisLease | None = None,
         bump: bool = False,
     ) -> bool:
