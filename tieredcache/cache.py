@@ -145,6 +145,8 @@ class TieredCache:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._background_workers = background_workers
         self._refreshing: set[str] = set()
+        # Keys whose load outlived a soft timeout and is still running in the background.
+        self.pending: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._api_counters: dict[str, list[int]] = {}
         self.singleflight = SingleFlight()
@@ -472,25 +474,17 @@ class TieredCache:
                     )
         return self._executor
 
-    def run_background(self, flow: Flow, req: ReadRequest) -> None:
-        """Run a flow on the background pool (sync callers)."""
-
-        def work() -> None:
-            try:
-                self.sync_runner.run(flow, req)
-            except Exception:
-                log.exception("tieredcache background work for %s failed", req.key)
-
-        self.executor().submit(contextvars.copy_context().run, work)
-
-    def arun_background(self, flow: Flow, req: ReadRequest) -> None:
-        """Run a flow as a task (async callers)."""
+    def arun_background(self, flow: Flow, req: ReadRequest, pending_key: str | None = None) -> None:
+        """Run a flow as a task (async callers); ``pending_key`` leaves ``pending`` after."""
 
         async def work() -> None:
             try:
                 await self.async_runner.run(flow, req)
             except Exception:
                 log.exception("tieredcache background work for %s failed", req.key)
+            finally:
+                if pending_key is not None:
+                    self.pending.discard(pending_key)
 
         task = asyncio.get_running_loop().create_task(work())
         self._tasks.add(task)

@@ -121,6 +121,11 @@ class Refresh:
 
 
 @dataclass(slots=True)
+class Pending:
+    """Whether a background load of this key (refresh or late fill) is under way -> bool."""
+
+
+@dataclass(slots=True)
 class Invalidate:
     """Drop ``keys`` and ``tags`` from layer ``layer`` (any layer, CDN included) -> ok."""
 
@@ -138,7 +143,7 @@ class Publish:
     tags: Sequence[Tag]
 
 
-Op = Get | Set | Delete | Load | Lock | Unlock | WaitFill | Refresh | Invalidate | Publish
+Op = Get | Set | Delete | Load | Lock | Unlock | WaitFill | Refresh | Pending | Invalidate | Publish
 Flow = Generator[Op, Any, Any]
 SOFT_TIMEOUT: Any = object()
 BROADCAST = -1  # the position reported when the replica broadcast failed
@@ -230,10 +235,16 @@ def read_flow(req: ReadRequest) -> Flow:
     if hit:
         return result
     stale: Entry | None = result
-    if stale is not None and req.clock() < stale.fresh_until + req.policy.stale_while_revalidate:
-        _count(req, 0, STALE)
-        yield Refresh()
-        return stale.value
+    if stale is not None:
+        if req.clock() < stale.fresh_until + req.policy.stale_while_revalidate:
+            _count(req, 0, STALE)
+            yield Refresh()
+            return stale.value
+        if (yield Pending()):
+            # A load that outlived its soft timeout is still running: serve stale
+            # until it lands rather than start another one.
+            _count(req, 0, STALE)
+            return stale.value
     return (yield from load_and_fill(req, leases, stale))
 
 

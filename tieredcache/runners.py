@@ -26,6 +26,7 @@ from .flows import (
     Invalidate,
     Load,
     Lock,
+    Pending,
     Publish,
     ReadRequest,
     Refresh,
@@ -213,6 +214,8 @@ class SyncRunner:
         if kind is Refresh:
             cache.spawn_refresh(req)
             return None
+        if kind is Pending:
+            return req.key.full in cache.pending
         raise TypeError(f"unknown operation {op!r}")
 
     def _load(self, op: Load, req: ReadRequest) -> Any:
@@ -230,12 +233,19 @@ class SyncRunner:
         except concurrent.futures.TimeoutError:
             if op.late is not None:
                 late = op.late
+                pending = self.cache.pending
+                if op.soft_timeout is not None:
+                    pending.add(req.key.full)
 
                 def finish(done: concurrent.futures.Future[Any]) -> None:
-                    if done.exception() is None:
-                        self.cache.run_background(
-                            late(done.result(), time.perf_counter() - start), req
-                        )
+                    try:
+                        if done.exception() is None:
+                            seconds = time.perf_counter() - start
+                            self.cache.sync_runner.run(late(done.result(), seconds), req)
+                    except Exception:
+                        log.exception("tieredcache late fill of %s failed", req.key)
+                    finally:
+                        pending.discard(req.key.full)
 
                 future.add_done_callback(finish)
             if op.soft_timeout is not None:
@@ -365,6 +375,8 @@ class AsyncRunner:
         if kind is Refresh:
             cache.spawn_arefresh(req)
             return None
+        if kind is Pending:
+            return req.key.full in cache.pending
         raise TypeError(f"unknown operation {op!r}")
 
     async def _load(self, op: Load, req: ReadRequest) -> Any:
@@ -380,12 +392,15 @@ class AsyncRunner:
         except TimeoutError:
             if op.soft_timeout is not None and op.late is not None:
                 late = op.late
+                pending = self.cache.pending
+                pending.add(req.key.full)
 
                 def finish(done: asyncio.Future[Any]) -> None:
                     if not done.cancelled() and done.exception() is None:
-                        self.cache.arun_background(
-                            late(done.result(), time.perf_counter() - start), req
-                        )
+                        flow = late(done.result(), time.perf_counter() - start)
+                        self.cache.arun_background(flow, req, pending_key=req.key.full)
+                    else:
+                        pending.discard(req.key.full)
 
                 task.add_done_callback(finish)
                 return SOFT_TIMEOUT
