@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m examples.demo`` (via ``bash scripts/demo.sh``), ``examples.quickstart``."""
