@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from .errors import ConfigurationError, TenantRequiredError
@@ -104,7 +105,9 @@ class _CachedBase(Generic[P, R]):
         self._static_tags = tuple(tags) if tags is not None and not callable(tags) else ()
         self._key_fn = key
         self._decode = cache.codec.serializer.decoder(_return_type(func))
-        self._mem = cache.memory
+        memory = cache.memory
+        self._fast = None if memory is None else memory._fast
+        self._recent: deque[Hashable] = deque(maxlen=1) if memory is None else memory._recent
         self._clock = cache.clock
         self._counters: dict[str, list[int]] = {}
         self._hit_index = cache.storage[0] * FIELDS + HIT
@@ -183,6 +186,29 @@ class _CachedBase(Generic[P, R]):
             alias=alias,
         )
 
+    def _hit(self, tenant: str, entry: Any) -> Any:
+        self._counters_for(tenant)[self._hit_index] += 1
+        return entry.value
+
+    def _early(self, tenant: str, alias: Any, args: Any, kwargs: Any, entry: Any) -> Any:
+        """A fresh hit near expiry: maybe start an XFetch refresh (sync callers)."""
+        if xfetch_due(entry, self._clock(), self.policy.early_refresh_beta):
+            self._cache.spawn_refresh(
+                self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
+            )
+        return self._hit(tenant, entry)
+
+    def _aearly(self, tenant: str, alias: Any, args: Any, kwargs: Any, entry: Any) -> Any:
+        """A fresh hit near expiry: maybe start an XFetch refresh (async callers)."""
+        if xfetch_due(entry, self._clock(), self.policy.early_refresh_beta):
+            self._cache.spawn_arefresh(
+                self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
+            )
+        return self._hit(tenant, entry)
+
+    def _loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any]:
+        return functools.partial(self._func, *args, **kwargs)
+
     def key(self, *args: P.args, **kwargs: P.kwargs) -> CacheKey:
         """The cache key these arguments map to, for the tenant in scope."""
         return self._cache_key(self._tenant(args, kwargs), args, kwargs)
@@ -203,22 +229,20 @@ class CachedFunction(_CachedBase[P, R]):
                 raise TenantRequiredError(self.name)
         else:
             tenant = self._tenant(args, kwargs)
-        mem = self._mem
         alias: Any = None
-        if mem is not None:
+        fast = self._fast
+        if fast is not None:
             alias = (
                 (self, tenant, args, tuple(sorted(kwargs.items())))
                 if kwargs
                 else (self, tenant, args)
             )
             try:
-                with mem.lock:
-                    slot = mem._data[alias]
-            except KeyError:
-                pass
-            except TypeError:
-                alias = None
-            else:
+                slot = fast.get(alias)
+            except TypeError:  # unhashable arguments: the slow path keys by string
+                alias = slot = None
+            if slot is not None:
+                self._recent.append(alias)
                 entry = slot.entry
                 if self._clock() < entry.fresh_until - entry.compute_time * self._xfetch_band:
                     counters = self._counters.get(tenant)
@@ -227,17 +251,9 @@ class CachedFunction(_CachedBase[P, R]):
                     counters[self._hit_index] += 1
                     value: R = entry.value
                     return value
-                now = self._clock()
-                if now < entry.fresh_until:  # fresh, inside the XFetch band
-                    self._counters_for(tenant)[self._hit_index] += 1
-                    if xfetch_due(entry, now, self.policy.early_refresh_beta):
-                        req = self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
-                        self._cache.spawn_refresh(req)
-                    return entry.value  # type: ignore[no-any-return]
+                if self._clock() < entry.fresh_until:  # fresh, inside the XFetch band
+                    return self._early(tenant, alias, args, kwargs, entry)  # type: ignore[no-any-return]
         return self._miss(tenant, alias, args, kwargs)
-
-    def _loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any]:
-        return functools.partial(self._func, *args, **kwargs)
 
     def _miss(self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         cache = self._cache
@@ -320,22 +336,20 @@ class AsyncCachedFunction(_CachedBase[P, R]):
                 raise TenantRequiredError(self.name)
         else:
             tenant = self._tenant(args, kwargs)
-        mem = self._mem
         alias: Any = None
-        if mem is not None:
+        fast = self._fast
+        if fast is not None:
             alias = (
                 (self, tenant, args, tuple(sorted(kwargs.items())))
                 if kwargs
                 else (self, tenant, args)
             )
             try:
-                with mem.lock:
-                    slot = mem._data[alias]
-            except KeyError:
-                pass
-            except TypeError:
-                alias = None
-            else:
+                slot = fast.get(alias)
+            except TypeError:  # unhashable arguments: the slow path keys by string
+                alias = slot = None
+            if slot is not None:
+                self._recent.append(alias)
                 entry = slot.entry
                 if self._clock() < entry.fresh_until - entry.compute_time * self._xfetch_band:
                     counters = self._counters.get(tenant)
@@ -344,19 +358,9 @@ class AsyncCachedFunction(_CachedBase[P, R]):
                     counters[self._hit_index] += 1
                     value: R = entry.value
                     return value
-                now = self._clock()
-                if now < entry.fresh_until:
-                    self._counters_for(tenant)[self._hit_index] += 1
-                    if xfetch_due(entry, now, self.policy.early_refresh_beta):
-                        req = self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
-                        self._cache.spawn_arefresh(req)
-                    return entry.value  # type: ignore[no-any-return]
+                if self._clock() < entry.fresh_until:  # fresh, inside the XFetch band
+                    return self._aearly(tenant, alias, args, kwargs, entry)  # type: ignore[no-any-return]
         return await self._miss(tenant, alias, args, kwargs)
-
-    def _loader(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Callable[[], Awaitable[Any]]:
-        return functools.partial(self._func, *args, **kwargs)
 
     async def _miss(
         self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

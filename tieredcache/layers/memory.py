@@ -5,12 +5,20 @@ that mutate a returned object mutate the cached one (as with
 ``functools.lru_cache``). Entries carry their own ``stale_until``; an entry
 past it is a miss and is dropped when touched, and LRU order evicts expired
 entries first in practice because nobody touches them.
+
+Reads take no lock. A cachetools ``LRUCache`` owns size and eviction order,
+and a plain dict mirrors it for lookups; a hit only appends its key to a
+bounded buffer of recent reads (as Caffeine's read buffer does), and the
+buffer is replayed into the LRU order under the lock before the next insert,
+which is the only time order matters. Both the dict lookup and the append are
+single atomic operations.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -66,6 +74,7 @@ class MemoryLayer:
         name: str = "memory",
         timer: Callable[[], float] = time.time,
         max_invalidation_memory: int = 100_000,
+        recency_buffer: int = 4096,
     ) -> None:
         if maxsize <= 0:
             raise ConfigurationError(f"MemoryLayer maxsize must be positive, got {maxsize}")
@@ -75,6 +84,8 @@ class MemoryLayer:
         self.lock = threading.Lock()
         self.evictions = 0
         self._data = _IndexedLRU(maxsize, self._evicted)
+        self._fast: dict[Hashable, _Slot] = {}  # lock-free read mirror of _data
+        self._recent: deque[Hashable] = deque(maxlen=recency_buffer)
         self._by_key: dict[str, set[Hashable]] = {}
         self._by_tag: dict[str, set[str]] = {}
         # Lease bookkeeping: a sequence number bumped by every invalidation, and the
@@ -88,13 +99,23 @@ class MemoryLayer:
     # -- hot path -------------------------------------------------------------
     def lookup(self, alias: Hashable) -> Entry | None:
         """The entry stored under ``alias`` without expiry checks (the caller checks)."""
-        with self.lock:
-            slot = self._data.get(alias)
-        return None if slot is None else slot.entry
+        slot = self._fast.get(alias)
+        if slot is None:
+            return None
+        self._recent.append(alias)
+        return slot.entry
 
     # -- index upkeep (lock held) --------------------------------------------
+    def _replay_recent(self) -> None:
+        recent, data = self._recent, self._data
+        while recent:
+            alias = recent.popleft()
+            if alias in data:
+                data[alias]
+
     def _evicted(self, alias: Hashable, slot: _Slot) -> None:
         self.evictions += 1
+        self._fast.pop(alias, None)
         self._unindex(alias, slot)
 
     def _unindex(self, alias: Hashable, slot: _Slot) -> None:
@@ -116,6 +137,7 @@ class MemoryLayer:
             return 0
         tags: tuple[str, ...] = ()
         for alias in aliases:
+            self._fast.pop(alias, None)
             slot = self._data.pop(alias, None)
             if slot is not None:
                 tags = slot.tags
@@ -150,7 +172,7 @@ class MemoryLayer:
             if not aliases:
                 return None
             for alias in aliases:
-                slot = self._data.get(alias)
+                slot = self._fast.get(alias)
                 if slot is not None:
                     if slot.entry.stale_until <= now:
                         self._drop_full_key(key.full)
@@ -193,13 +215,16 @@ class MemoryLayer:
         with self.lock:
             if lease is not None and not self._lease_valid(lease, full, tag_names):
                 return False
-            old = self._data.get(alias)
+            old = self._fast.get(alias)
             if old is not None:
                 self._unindex(alias, old)
             if bump:
                 self._mark_invalidated("k:" + full)
                 self._drop_full_key(full)
-            self._data[alias] = _Slot(entry, full, tag_names)
+            self._replay_recent()
+            slot = _Slot(entry, full, tag_names)
+            self._data[alias] = slot  # may evict the least recently used entries first
+            self._fast[alias] = slot
             self._by_key.setdefault(full, set()).add(alias)
             for tag in tag_names:
                 self._by_tag.setdefault(tag, set()).add(full)
@@ -233,6 +258,8 @@ class MemoryLayer:
             self._seq += 1
             self._watermark = self._seq
             self._data.clear()
+            self._fast.clear()
+            self._recent.clear()
             self._by_key.clear()
             self._by_tag.clear()
 
