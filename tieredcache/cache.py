@@ -38,6 +38,7 @@ from .tenancy import current_tenant, tenant_scope, validate_tenant
 
 if TYPE_CHECKING:
     from .decorator import CacheDecorator
+from .decorator import cached_impl
 
 __all__ = ["InvalidationResult", "TieredCache"]
 
@@ -299,7 +300,7 @@ class TieredCache:
         """
         loader, ident = self._loader_for(key)
         if loader is not None:
-            return loader.call_for_tenant(self.resolve_tenant(tenant, key), ident)
+            return cached_impl(loader).call_for_tenant(self.resolve_tenant(tenant, key), ident)
         req = self._api_request(key, tenant, 1.0, ())
         value = self.sync_runner.run(lookup_flow(req), req)
         return default if value is MISSING else value
@@ -308,7 +309,9 @@ class TieredCache:
         """Async :meth:`get`."""
         loader, ident = self._loader_for(key)
         if loader is not None:
-            return await loader.call_for_tenant(self.resolve_tenant(tenant, key), ident)
+            return await cached_impl(loader).acall_for_tenant(
+                self.resolve_tenant(tenant, key), ident
+            )
         req = self._api_request(key, tenant, 1.0, ())
         value = await self.async_runner.run(lookup_flow(req), req)
         return default if value is MISSING else value

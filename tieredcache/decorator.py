@@ -1,10 +1,13 @@
 """The ``@cache.cached`` decorator: sync and async wrappers around the flows.
 
-The in-process hit is the hottest path of the library, so it is written out
-by hand in ``__call__``: one ContextVar read, one tuple, one locked dict
-lookup, one clock read and one counter increment, no generator and no await.
-Everything else builds a :class:`~tieredcache.flows.ReadRequest` and hands it
-to a runner under single-flight.
+The in-process hit is the hottest path of the library, so the wrapper is a
+closure written out by hand with everything it needs bound as locals: one
+ContextVar read, one tuple, one dict lookup (no lock, see
+:mod:`tieredcache.layers.memory`), one clock read, one append to the recency
+buffer and one counter increment; no generator, no await on a hit, no method
+binding. Everything else goes to :class:`CachedImpl`, which builds a
+:class:`~tieredcache.flows.ReadRequest` and hands it to a runner under
+single-flight.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from .errors import ConfigurationError, TenantRequiredError
 from .flows import ReadRequest, read_flow, refresh_flow, write_flow, xfetch_due
@@ -26,12 +28,57 @@ if TYPE_CHECKING:
     from .cache import InvalidationResult, TieredCache
     from .policy import Policy
 
-__all__ = ["AsyncCachedFunction", "CacheDecorator", "CachedFunction"]
+__all__ = ["AsyncCachedFunction", "CacheDecorator", "CachedFunction", "CachedImpl", "cached_impl"]
 
 P = ParamSpec("P")
 Q = ParamSpec("Q")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 _tenant_var = get_tenant_var()
+
+
+class CachedFunction(Protocol[P, R_co]):
+    """A cached sync function: call it like the original.
+
+    >>> get_product(42)                 # doctest: +SKIP
+    >>> get_product.invalidate(42)      # drop the entry everywhere  # doctest: +SKIP
+    >>> get_product.refresh(42)         # reload and store now       # doctest: +SKIP
+    """
+
+    name: str
+    policy: Policy
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> CacheKey: ...
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> InvalidationResult: ...
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def writer(
+        self, key_args: Callable[..., tuple[Any, ...]] | None = None
+    ) -> Callable[[Callable[Q, Any]], Callable[Q, Any]]: ...
+
+
+class AsyncCachedFunction(Protocol[P, R_co]):
+    """A cached async function: await it like the original; ``invalidate`` and
+    ``refresh`` are awaitable too."""
+
+    name: str
+    policy: Policy
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> CacheKey: ...
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[InvalidationResult]: ...
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+    def writer(
+        self, key_args: Callable[..., tuple[Any, ...]] | None = None
+    ) -> Callable[[Callable[Q, Awaitable[Any]]], Callable[Q, Awaitable[Any]]]: ...
 
 
 def _return_type(func: Callable[..., Any]) -> Any:
@@ -59,19 +106,20 @@ class CacheDecorator:
     def __call__(self, func: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, func: Callable[P, Any]) -> Any:
+        impl = CachedImpl(self.cache, self.policy, func, **self.options)
         if inspect.iscoroutinefunction(func):
-            return AsyncCachedFunction(self.cache, self.policy, func, **self.options)
-        return CachedFunction(self.cache, self.policy, func, **self.options)
+            return impl.async_wrapper()
+        return impl.sync_wrapper()
 
 
-class _CachedBase(Generic[P, R]):
-    """Key building and request assembly shared by the sync and async wrappers."""
+class CachedImpl:
+    """Everything about one cached function but the hot path."""
 
     def __init__(
         self,
         cache: TieredCache,
         policy: Policy,
-        func: Callable[P, Any],
+        func: Callable[..., Any],
         *,
         tags: Callable[..., Iterable[str]] | Iterable[str] | None,
         key: Callable[..., str] | None,
@@ -80,48 +128,36 @@ class _CachedBase(Generic[P, R]):
         ignore: Iterable[str],
         tenant_param: str | None,
     ) -> None:
-        functools.update_wrapper(cast(Any, self), func)
-        self._cache = cache
+        self.cache = cache
         self.policy = policy
-        self._func = func
+        self.func = func
         self.name = name or f"{func.__module__}.{func.__qualname__}"
-        self._builder = FunctionKeyBuilder(
+        self.builder = FunctionKeyBuilder(
             func, name=self.name, version=version, ignore=ignore, tenant_param=tenant_param
         )
-        self._tenant_param = self._builder.tenant_param
+        self.tenant_param = self.builder.tenant_param
         params = list(inspect.signature(func).parameters.values())
-        self._tenant_index = next(
+        self.tenant_index = next(
             (
                 i
                 for i, p in enumerate(params)
-                if p.name == self._tenant_param
+                if p.name == self.tenant_param
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ),
             None,
         )
         if isinstance(tags, str):
             raise ConfigurationError(f"tags of {self.name} must be a list or a function, not a str")
-        self._tags_fn = tags if callable(tags) else None
-        self._static_tags = tuple(tags) if tags is not None and not callable(tags) else ()
-        self._key_fn = key
-        self._decode = cache.codec.serializer.decoder(_return_type(func))
-        memory = cache.memory
-        self._fast = None if memory is None else memory._fast
-        self._recent: deque[Hashable] = deque(maxlen=1) if memory is None else memory._recent
-        self._clock = cache.clock
-        self._counters: dict[str, list[int]] = {}
-        self._hit_index = cache.storage[0] * FIELDS + HIT
-        # Inside this band before expiry XFetch may fire (P(-ln U > 10) = 4.5e-5).
-        self._xfetch_band = policy.early_refresh_beta * 10.0
+        self.tags_fn = tags if callable(tags) else None
+        self.static_tags = tuple(tags) if tags is not None and not callable(tags) else ()
+        self.key_fn = key
+        self.decode = cache.codec.serializer.decoder(_return_type(func))
+        self.counters: dict[str, list[int]] = {}
+        self.hit_index = cache.storage[0] * FIELDS + HIT
 
-    def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None:
-            return self
-        # Cached methods: ``self`` is bound here and left out of keys.
-        return functools.partial(cast(Callable[..., Any], self), instance)
-
-    def _tenant(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        name = self._tenant_param
+    # -- keys and requests ---------------------------------------------------
+    def tenant(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        name = self.tenant_param
         if name is None:
             tenant = _tenant_var.get()
             if tenant is None:
@@ -129,302 +165,293 @@ class _CachedBase(Generic[P, R]):
             return tenant
         if name in kwargs:
             value = kwargs[name]
-        elif self._tenant_index is not None and len(args) > self._tenant_index:
-            value = args[self._tenant_index]
+        elif self.tenant_index is not None and len(args) > self.tenant_index:
+            value = args[self.tenant_index]
         else:
-            value = self._builder.tenant_from(self._builder.bind(args, kwargs))
+            value = self.builder.tenant_from(self.builder.bind(args, kwargs))
         if value is None:
             raise TenantRequiredError(self.name)
         return validate_tenant(value)
 
-    def _counters_for(self, tenant: str) -> list[int]:
-        counters = self._counters.get(tenant)
+    def counters_for(self, tenant: str) -> list[int]:
+        counters = self.counters.get(tenant)
         if counters is None:
-            counters = self._counters[tenant] = self._cache.metrics.counters(self.name, tenant)
+            counters = self.counters[tenant] = self.cache.metrics.counters(self.name, tenant)
         return counters
 
-    def _alias(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if kwargs:
-            return (self, tenant, args, tuple(sorted(kwargs.items())))
-        return (self, tenant, args)
-
-    def _cache_key(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CacheKey:
-        if self._key_fn is not None:
-            body = self._key_fn(*args, **kwargs)
+    def cache_key(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CacheKey:
+        if self.key_fn is not None:
+            body = self.key_fn(*args, **kwargs)
         else:
-            body = self._builder.body(self._builder.bind(args, kwargs))
-        return CacheKey(self._cache.namespace, tenant, body)
+            body = self.builder.body(self.builder.bind(args, kwargs))
+        return CacheKey(self.cache.namespace, tenant, body)
 
-    def _tags(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tag, ...]:
-        names: Iterable[str] = self._static_tags
-        if self._tags_fn is not None:
-            names = (*names, *self._tags_fn(*args, **kwargs))
-        return make_tags(self._cache.namespace, tenant, names) if names else ()
+    def tags(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tag, ...]:
+        names: Iterable[str] = self.static_tags
+        if self.tags_fn is not None:
+            names = (*names, *self.tags_fn(*args, **kwargs))
+        return make_tags(self.cache.namespace, tenant, names) if names else ()
 
-    def _request(
+    def loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any]:
+        return functools.partial(self.func, *args, **kwargs)
+
+    def request(
         self,
         tenant: str,
         alias: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        loader: Callable[[], Any],
+        loader: Callable[[], Any] | None = None,
     ) -> ReadRequest:
-        key = self._cache_key(tenant, args, kwargs)
-        if alias is not None:
-            try:
-                hash(alias)
-            except TypeError:  # unhashable arguments: the in-process layer keys by the string
-                alias = None
-        return self._cache.request(
-            key,
-            self._tags(tenant, args, kwargs),
+        return self.cache.request(
+            self.cache_key(tenant, args, kwargs),
+            self.tags(tenant, args, kwargs),
             policy=self.policy,
             function=self.name,
-            counters=self._counters_for(tenant),
-            loader=loader,
-            decode=self._decode,
+            counters=self.counters_for(tenant),
+            loader=loader or self.loader(args, kwargs),
+            decode=self.decode,
             alias=alias,
         )
 
-    def _hit(self, tenant: str, entry: Any) -> Any:
-        self._counters_for(tenant)[self._hit_index] += 1
-        return entry.value
-
-    def _early(self, tenant: str, alias: Any, args: Any, kwargs: Any, entry: Any) -> Any:
-        """A fresh hit near expiry: maybe start an XFetch refresh (sync callers)."""
-        if xfetch_due(entry, self._clock(), self.policy.early_refresh_beta):
-            self._cache.spawn_refresh(
-                self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
-            )
-        return self._hit(tenant, entry)
-
-    def _aearly(self, tenant: str, alias: Any, args: Any, kwargs: Any, entry: Any) -> Any:
-        """A fresh hit near expiry: maybe start an XFetch refresh (async callers)."""
-        if xfetch_due(entry, self._clock(), self.policy.early_refresh_beta):
-            self._cache.spawn_arefresh(
-                self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
-            )
-        return self._hit(tenant, entry)
-
-    def _loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any]:
-        return functools.partial(self._func, *args, **kwargs)
-
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> CacheKey:
+    def key(self, *args: Any, **kwargs: Any) -> CacheKey:
         """The cache key these arguments map to, for the tenant in scope."""
-        return self._cache_key(self._tenant(args, kwargs), args, kwargs)
+        return self.cache_key(self.tenant(args, kwargs), args, kwargs)
 
+    # -- sync ---------------------------------------------------------------
+    def near_expiry(self, tenant: str, alias: Any, args: Any, kwargs: Any, slot: Any) -> Any:
+        """An L1 entry inside its XFetch band or past its freshness (sync callers)."""
+        now = self.cache.clock()
+        if now < slot.entry.fresh_until:
+            if xfetch_due(slot.entry, now, self.policy.early_refresh_beta):
+                self.cache.spawn_refresh(self.request(tenant, alias, args, kwargs))
+            self.counters_for(tenant)[self.hit_index] += 1
+            return slot.value
+        return self.miss(tenant, alias, args, kwargs)
 
-class CachedFunction(_CachedBase[P, R]):
-    """A cached sync function. Call it like the original.
-
-    >>> get_product(42)                 # doctest: +SKIP
-    >>> get_product.invalidate(42)      # doctest: +SKIP
-    >>> get_product.refresh(42)         # doctest: +SKIP
-    """
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._tenant_param is None:
-            tenant = _tenant_var.get()
-            if tenant is None:
-                raise TenantRequiredError(self.name)
-        else:
-            tenant = self._tenant(args, kwargs)
-        alias: Any = None
-        fast = self._fast
-        if fast is not None:
-            alias = (
-                (self, tenant, args, tuple(sorted(kwargs.items())))
-                if kwargs
-                else (self, tenant, args)
-            )
-            try:
-                slot = fast.get(alias)
-            except TypeError:  # unhashable arguments: the slow path keys by string
-                alias = slot = None
-            if slot is not None:
-                self._recent.append(alias)
-                entry = slot.entry
-                if self._clock() < entry.fresh_until - entry.compute_time * self._xfetch_band:
-                    counters = self._counters.get(tenant)
-                    if counters is None:
-                        counters = self._counters_for(tenant)
-                    counters[self._hit_index] += 1
-                    value: R = entry.value
-                    return value
-                if self._clock() < entry.fresh_until:  # fresh, inside the XFetch band
-                    return self._early(tenant, alias, args, kwargs, entry)  # type: ignore[no-any-return]
-        return self._miss(tenant, alias, args, kwargs)
-
-    def _miss(self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
-        cache = self._cache
-        req = self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
+    def miss(self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        cache = self.cache
+        req = self.request(tenant, alias, args, kwargs)
         cache.notifier()
         runner = cache.sync_runner
-        value: R = cache.singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
-        return value
+        return cache.singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
 
-    def call_for_tenant(self, tenant: str, *args: Any) -> R:
-        with tenant_scope(tenant):
-            return cast(Callable[..., R], self)(*args)
-
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> InvalidationResult:
+    def invalidate(self, *args: Any, **kwargs: Any) -> InvalidationResult:
         """Drop the entry for these arguments from every layer and replica."""
-        tenant = self._tenant(args, kwargs)
-        return self._cache.invalidate([self._cache_key(tenant, args, kwargs)], tenant=tenant)
+        tenant = self.tenant(args, kwargs)
+        return self.cache.invalidate([self.cache_key(tenant, args, kwargs)], tenant=tenant)
 
-    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function now and store its result (fills in flight lose to it)."""
-        tenant = self._tenant(args, kwargs)
-        req = self._request(tenant, None, args, kwargs, self._loader(args, kwargs))
-        self._cache.notifier()
-        value: R = self._cache.sync_runner.run(refresh_flow(req, use_lock=False), req)
-        return value
+        req = self.request(self.tenant(args, kwargs), None, args, kwargs)
+        self.cache.notifier()
+        return self.cache.sync_runner.run(refresh_flow(req, use_lock=False), req)
 
-    def writer(
-        self, key_args: Callable[..., tuple[Any, ...]] | None = None
-    ) -> Callable[[Callable[Q, R]], WriteThroughFunction[Q, R]]:
+    def write(self, writer: Callable[..., Any], key_args: Any, args: Any, kwargs: Any) -> Any:
+        reader_args = tuple(key_args(*args, **kwargs)) if key_args else args
+        reader_kwargs = {} if key_args else kwargs
+        tenant = self.tenant(reader_args, reader_kwargs)
+        loader = functools.partial(writer, *args, **kwargs)
+        req = self.request(tenant, None, reader_args, reader_kwargs, loader)
+        self.cache.notifier()
+        return self.cache.sync_runner.run(write_flow(req), req)
+
+    def writer(self, key_args: Callable[..., tuple[Any, ...]] | None = None) -> Any:
         """Write-through: decorate the function that writes the store.
 
         Its return value becomes this function's cached value for the
-        arguments ``key_args(*writer_args)`` returns (default: the writer's own
-        arguments). See :func:`~tieredcache.flows.write_flow` for the ordering.
+        arguments ``key_args(*writer_args, **writer_kwargs)`` returns (default:
+        the writer's own arguments). The ordering is explained in
+        :mod:`tieredcache.flows`.
         """
 
-        def decorate(func: Callable[Q, R]) -> WriteThroughFunction[Q, R]:
+        def decorate(func: Callable[..., Any]) -> Any:
             if inspect.iscoroutinefunction(func):
                 raise ConfigurationError(f"{self.name} is sync; its writer must be sync too")
-            return WriteThroughFunction(self, func, key_args)
+
+            @functools.wraps(func)
+            def write_through(*args: Any, **kwargs: Any) -> Any:
+                return self.write(func, key_args, args, kwargs)
+
+            return write_through
 
         return decorate
 
+    # -- async ----------------------------------------------------------------
+    async def anear_expiry(self, tenant: str, alias: Any, args: Any, kwargs: Any, slot: Any) -> Any:
+        """An L1 entry inside its XFetch band or past its freshness (async callers)."""
+        now = self.cache.clock()
+        if now < slot.entry.fresh_until:
+            if xfetch_due(slot.entry, now, self.policy.early_refresh_beta):
+                self.cache.spawn_arefresh(self.request(tenant, alias, args, kwargs))
+            self.counters_for(tenant)[self.hit_index] += 1
+            return slot.value
+        return await self.amiss(tenant, alias, args, kwargs)
 
-class WriteThroughFunction(Generic[Q, R]):
-    """A store-writing function whose result is written through every layer."""
-
-    def __init__(
-        self,
-        reader: CachedFunction[Any, R],
-        func: Callable[Q, R],
-        key_args: Callable[..., tuple[Any, ...]] | None,
-    ) -> None:
-        functools.update_wrapper(self, func)
-        self._reader = reader
-        self._func = func
-        self._key_args = key_args
-
-    def __call__(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
-        reader = self._reader
-        reader_args = self._key_args(*args, **kwargs) if self._key_args else args
-        tenant = reader._tenant(tuple(reader_args), {} if self._key_args else kwargs)
-        loader = functools.partial(self._func, *args, **kwargs)
-        req = reader._request(
-            tenant, None, tuple(reader_args), {} if self._key_args else kwargs, loader
-        )
-        reader._cache.notifier()
-        value: R = reader._cache.sync_runner.run(write_flow(req), req)
-        return value
-
-
-class AsyncCachedFunction(_CachedBase[P, R]):
-    """A cached async function. Await it like the original; ``invalidate`` and
-    ``refresh`` are awaitable too."""
-
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._tenant_param is None:
-            tenant = _tenant_var.get()
-            if tenant is None:
-                raise TenantRequiredError(self.name)
-        else:
-            tenant = self._tenant(args, kwargs)
-        alias: Any = None
-        fast = self._fast
-        if fast is not None:
-            alias = (
-                (self, tenant, args, tuple(sorted(kwargs.items())))
-                if kwargs
-                else (self, tenant, args)
-            )
-            try:
-                slot = fast.get(alias)
-            except TypeError:  # unhashable arguments: the slow path keys by string
-                alias = slot = None
-            if slot is not None:
-                self._recent.append(alias)
-                entry = slot.entry
-                if self._clock() < entry.fresh_until - entry.compute_time * self._xfetch_band:
-                    counters = self._counters.get(tenant)
-                    if counters is None:
-                        counters = self._counters_for(tenant)
-                    counters[self._hit_index] += 1
-                    value: R = entry.value
-                    return value
-                if self._clock() < entry.fresh_until:  # fresh, inside the XFetch band
-                    return self._aearly(tenant, alias, args, kwargs, entry)  # type: ignore[no-any-return]
-        return await self._miss(tenant, alias, args, kwargs)
-
-    async def _miss(
+    async def amiss(
         self, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> R:
-        cache = self._cache
-        req = self._request(tenant, alias, args, kwargs, self._loader(args, kwargs))
+    ) -> Any:
+        cache = self.cache
+        req = self.request(tenant, alias, args, kwargs)
         cache.notifier()
         runner = cache.async_runner
-        value: R = await cache.async_singleflight.do(
+        return await cache.async_singleflight.do(
             req.key.full, lambda: runner.run(read_flow(req), req)
         )
-        return value
 
-    async def call_for_tenant(self, tenant: str, *args: Any) -> R:
-        with tenant_scope(tenant):
-            return await cast(Callable[..., Awaitable[R]], self)(*args)
-
-    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> InvalidationResult:
+    async def ainvalidate(self, *args: Any, **kwargs: Any) -> InvalidationResult:
         """Drop the entry for these arguments from every layer and replica."""
-        tenant = self._tenant(args, kwargs)
-        return await self._cache.ainvalidate([self._cache_key(tenant, args, kwargs)], tenant=tenant)
+        tenant = self.tenant(args, kwargs)
+        return await self.cache.ainvalidate([self.cache_key(tenant, args, kwargs)], tenant=tenant)
 
-    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def arefresh(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function now and store its result."""
-        tenant = self._tenant(args, kwargs)
-        req = self._request(tenant, None, args, kwargs, self._loader(args, kwargs))
-        self._cache.notifier()
-        value: R = await self._cache.async_runner.run(refresh_flow(req, use_lock=False), req)
-        return value
+        req = self.request(self.tenant(args, kwargs), None, args, kwargs)
+        self.cache.notifier()
+        return await self.cache.async_runner.run(refresh_flow(req, use_lock=False), req)
 
-    def writer(
-        self, key_args: Callable[..., tuple[Any, ...]] | None = None
-    ) -> Callable[[Callable[Q, Awaitable[R]]], AsyncWriteThroughFunction[Q, R]]:
-        """Write-through for async code; see :meth:`CachedFunction.writer`."""
+    async def awrite(
+        self, writer: Callable[..., Any], key_args: Any, args: Any, kwargs: Any
+    ) -> Any:
+        reader_args = tuple(key_args(*args, **kwargs)) if key_args else args
+        reader_kwargs = {} if key_args else kwargs
+        tenant = self.tenant(reader_args, reader_kwargs)
+        loader = functools.partial(writer, *args, **kwargs)
+        req = self.request(tenant, None, reader_args, reader_kwargs, loader)
+        self.cache.notifier()
+        return await self.cache.async_runner.run(write_flow(req), req)
 
-        def decorate(func: Callable[Q, Awaitable[R]]) -> AsyncWriteThroughFunction[Q, R]:
+    def awriter(self, key_args: Callable[..., tuple[Any, ...]] | None = None) -> Any:
+        """Write-through for async code; see :meth:`writer`."""
+
+        def decorate(func: Callable[..., Any]) -> Any:
             if not inspect.iscoroutinefunction(func):
                 raise ConfigurationError(f"{self.name} is async; its writer must be async too")
-            return AsyncWriteThroughFunction(self, func, key_args)
+
+            @functools.wraps(func)
+            async def write_through(*args: Any, **kwargs: Any) -> Any:
+                return await self.awrite(func, key_args, args, kwargs)
+
+            return write_through
 
         return decorate
 
+    def call_for_tenant(self, tenant: str, *args: Any) -> Any:
+        """Call the wrapper with ``tenant`` in scope (read-through ``cache.get``)."""
+        with tenant_scope(tenant):
+            return self.wrapper(*args)
 
-class AsyncWriteThroughFunction(Generic[Q, R]):
-    """Async twin of :class:`WriteThroughFunction`."""
+    async def acall_for_tenant(self, tenant: str, *args: Any) -> Any:
+        with tenant_scope(tenant):
+            return await self.wrapper(*args)
 
-    def __init__(
-        self,
-        reader: AsyncCachedFunction[Any, R],
-        func: Callable[Q, Awaitable[R]],
-        key_args: Callable[..., tuple[Any, ...]] | None,
-    ) -> None:
-        functools.update_wrapper(self, func)
-        self._reader = reader
-        self._func = func
-        self._key_args = key_args
+    # -- the wrappers: the hot path ------------------------------------------
+    def _attach(self, wrapper: Any, asynchronous: bool) -> Any:
+        functools.update_wrapper(wrapper, self.func)
+        wrapper.name = self.name
+        wrapper.policy = self.policy
+        wrapper.key = self.key
+        wrapper.invalidate = self.ainvalidate if asynchronous else self.invalidate
+        wrapper.refresh = self.arefresh if asynchronous else self.refresh
+        wrapper.writer = self.awriter if asynchronous else self.writer
+        wrapper.cache_impl = self
+        self.wrapper = wrapper
+        return wrapper
 
-    async def __call__(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
-        reader = self._reader
-        reader_args = self._key_args(*args, **kwargs) if self._key_args else args
-        reader_kwargs: dict[str, Any] = {} if self._key_args else kwargs
-        tenant = reader._tenant(tuple(reader_args), reader_kwargs)
-        loader = functools.partial(self._func, *args, **kwargs)
-        req = reader._request(tenant, None, tuple(reader_args), reader_kwargs, loader)
-        reader._cache.notifier()
-        value: R = await reader._cache.async_runner.run(write_flow(req), req)
-        return value
+    def _hot_locals(self) -> tuple[Any, ...]:
+        memory = self.cache.memory
+        if memory is None:
+            return None, None
+        return memory._fast.get, memory._recent.append
+
+    def sync_wrapper(self) -> Any:
+        impl = self
+        tenant_var_get = _tenant_var.get
+        fast_get, remember = self._hot_locals()
+        clock = self.cache.clock
+        counters_get = self.counters.get
+        hit_index = self.hit_index
+        resolve_tenant = self.tenant if self.tenant_param is not None else None
+        name = self.name
+        near_expiry, miss, counters_for = self.near_expiry, self.miss, self.counters_for
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if resolve_tenant is None:
+                tenant = tenant_var_get()
+                if tenant is None:
+                    raise TenantRequiredError(name)
+            else:
+                tenant = resolve_tenant(args, kwargs)
+            if fast_get is None:
+                return miss(tenant, None, args, kwargs)
+            alias = (
+                (impl, tenant, args, tuple(sorted(kwargs.items())))
+                if kwargs
+                else (impl, tenant, args)
+            )
+            try:
+                slot = fast_get(alias)
+            except TypeError:  # unhashable arguments: the slow path keys by string
+                return miss(tenant, None, args, kwargs)
+            if slot is None:
+                return miss(tenant, alias, args, kwargs)
+            if clock() < slot.refresh_at:
+                remember(alias)
+                counters = counters_get(tenant)
+                if counters is None:
+                    counters = counters_for(tenant)
+                counters[hit_index] += 1
+                return slot.value
+            return near_expiry(tenant, alias, args, kwargs, slot)
+
+        return self._attach(wrapper, asynchronous=False)
+
+    def async_wrapper(self) -> Any:
+        impl = self
+        tenant_var_get = _tenant_var.get
+        fast_get, remember = self._hot_locals()
+        clock = self.cache.clock
+        counters_get = self.counters.get
+        hit_index = self.hit_index
+        resolve_tenant = self.tenant if self.tenant_param is not None else None
+        name = self.name
+        near_expiry, miss, counters_for = self.anear_expiry, self.amiss, self.counters_for
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if resolve_tenant is None:
+                tenant = tenant_var_get()
+                if tenant is None:
+                    raise TenantRequiredError(name)
+            else:
+                tenant = resolve_tenant(args, kwargs)
+            if fast_get is None:
+                return await miss(tenant, None, args, kwargs)
+            alias = (
+                (impl, tenant, args, tuple(sorted(kwargs.items())))
+                if kwargs
+                else (impl, tenant, args)
+            )
+            try:
+                slot = fast_get(alias)
+            except TypeError:
+                return await miss(tenant, None, args, kwargs)
+            if slot is None:
+                return await miss(tenant, alias, args, kwargs)
+            if clock() < slot.refresh_at:
+                remember(alias)
+                counters = counters_get(tenant)
+                if counters is None:
+                    counters = counters_for(tenant)
+                counters[hit_index] += 1
+                return slot.value
+            return await near_expiry(tenant, alias, args, kwargs, slot)
+
+        return self._attach(wrapper, asynchronous=True)
+
+
+def cached_impl(function: Any) -> CachedImpl:
+    """The implementation object behind a cached function (for read-through and tools)."""
+    impl = getattr(function, "cache_impl", None)
+    if not isinstance(impl, CachedImpl):
+        raise ConfigurationError(f"{function!r} is not a tieredcache-cached function")
+    return impl

@@ -114,7 +114,12 @@ def _set_call(guard: LayerGuard, req: ReadRequest, op: Set, prefix: str) -> Call
     layer = guard.layer
     method = getattr(layer, prefix + "set")
     if isinstance(layer, MemoryLayer):
-        return lambda: method(req.key, op.stored, op.entry, req.tags, op.lease, op.bump, req.alias)
+        entry = op.entry
+        # Inside this band before expiry XFetch may fire (P(-ln U > 10) = 4.5e-5).
+        refresh_at = entry.fresh_until - entry.compute_time * req.policy.early_refresh_beta * 10
+        return lambda: method(
+            req.key, op.stored, entry, req.tags, op.lease, op.bump, req.alias, refresh_at
+        )
     return lambda: method(req.key, op.stored, op.entry, req.tags, op.lease, op.bump)
 
 

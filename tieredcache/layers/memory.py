@@ -32,12 +32,20 @@ __all__ = ["MemoryLayer"]
 
 
 class _Slot:
-    __slots__ = ("entry", "full_key", "tags")
+    """One stored entry; ``value`` and ``refresh_at`` are copied out for the hot path."""
 
-    def __init__(self, entry: Entry, full_key: str, tags: tuple[str, ...]) -> None:
+    __slots__ = ("entry", "full_key", "refresh_at", "tags", "value")
+
+    def __init__(
+        self, entry: Entry, full_key: str, tags: tuple[str, ...], refresh_at: float
+    ) -> None:
         self.entry = entry
+        self.value = entry.value
         self.full_key = full_key
         self.tags = tags
+        # Before this a hit needs no further thought; after it the caller checks for
+        # expiry and early refresh.
+        self.refresh_at = min(refresh_at, entry.fresh_until)
 
 
 class _IndexedLRU(cachetools.LRUCache[Hashable, _Slot]):
@@ -201,8 +209,12 @@ class MemoryLayer:
         lease: Any = None,
         bump: bool = False,
         alias: Hashable | None = None,
+        refresh_at: float | None = None,
     ) -> bool:
         """Store ``entry`` (``value`` is ignored: this layer keeps the Entry itself).
+
+        ``alias`` is an extra lookup key (the decorator's argument tuple);
+        ``refresh_at`` is when hits should start considering an early refresh.
 
         ``bump`` marks the key invalidated after storing, so fills whose lease
         predates this write are refused (a write beats a fill in flight).
@@ -222,7 +234,9 @@ class MemoryLayer:
                 self._mark_invalidated("k:" + full)
                 self._drop_full_key(full)
             self._replay_recent()
-            slot = _Slot(entry, full, tag_names)
+            slot = _Slot(
+                entry, full, tag_names, entry.fresh_until if refresh_at is None else refresh_at
+            )
             self._data[alias] = slot  # may evict the least recently used entries first
             self._fast[alias] = slot
             self._by_key.setdefault(full, set()).add(alias)
@@ -288,8 +302,9 @@ class MemoryLayer:
         lease: Any = None,
         bump: bool = False,
         alias: Hashable | None = None,
+        refresh_at: float | None = None,
     ) -> bool:
-        return self.set(key, value, entry, tags, lease, bump, alias)
+        return self.set(key, value, entry, tags, lease, bump, alias, refresh_at)
 
     async def adelete(self, keys: Sequence[CacheKey]) -> None:
         self.delete(keys)
