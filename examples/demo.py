@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         cli = Path(sys.executable).with_name("tieredcache")
         subprocess.run([str(cli), "stats", metrics_url, "--by", "tenant"], check=True)
         metrics_server.shutdown()
+        metrics_server.server_close()
         return 1 if stale else 0
 
 
