@@ -493,11 +493,17 @@ class TieredCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _claim_refresh(self, full_key: str) -> bool:
+        with self._notifier_lock:
+            if full_key in self._refreshing:
+                return False
+            self._refreshing.add(full_key)
+            return True
+
     def spawn_refresh(self, req: ReadRequest) -> None:
         """Recompute ``req``'s key in the background once (stale-while-revalidate, XFetch)."""
-        if req.key.full in self._refreshing:
+        if not self._claim_refresh(req.key.full):
             return
-        self._refreshing.add(req.key.full)
         req.counters[self.metrics.loader_base + REFRESHES] += 1
 
         def work() -> None:
@@ -511,9 +517,8 @@ class TieredCache:
         self.executor().submit(contextvars.copy_context().run, work)
 
     def spawn_arefresh(self, req: ReadRequest) -> None:
-        if req.key.full in self._refreshing:
+        if not self._claim_refresh(req.key.full):
             return
-        self._refreshing.add(req.key.full)
         req.counters[self.metrics.loader_base + REFRESHES] += 1
 
         async def work() -> None:
