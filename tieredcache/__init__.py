@@ -13,6 +13,8 @@
 Importing the package does no work: no cache, no connection, no thread.
 """
 
+from ._async.journal import AsyncJournal, AsyncRedisStreamJournal
+from ._sync.journal import Journal, RedisStreamJournal
 from .breaker import CircuitBreaker
 from .cache import InvalidationResult, TieredCache
 from .decorator import AsyncCachedFunction, CachedFunction
@@ -42,11 +44,16 @@ from .metrics import CacheStats, LayerStats, LoaderStats
 from .policy import Policy
 from .serde import JsonSerializer, MsgpackSerializer, PickleSerializer, Serializer
 from .tenancy import current_tenant, tenant_scope, validate_tenant
+from .writeback import AsyncFlusher, AsyncWriteBack, Flusher, FlushReport, WriteBack, WriteRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCachedFunction",
+    "AsyncFlusher",
+    "AsyncJournal",
+    "AsyncRedisStreamJournal",
+    "AsyncWriteBack",
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
@@ -58,10 +65,13 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "Entry",
+    "FlushReport",
+    "Flusher",
     "InvalidKeyError",
     "InvalidTenantError",
     "InvalidationLayer",
     "InvalidationResult",
+    "Journal",
     "JsonSerializer",
     "LayerStats",
     "LoaderStats",
@@ -72,6 +82,7 @@ __all__ = [
     "PickleSerializer",
     "Policy",
     "RedisLayer",
+    "RedisStreamJournal",
     "SerializationError",
     "Serializer",
     "StorageLayer",
@@ -80,7 +91,9 @@ __all__ = [
     "TenantRequiredError",
     "TieredCache",
     "TieredCacheError",
+    "WriteBack",
     "WriteBackError",
+    "WriteRecord",
     "current_tenant",
     "tenant_scope",
     "validate_tenant",

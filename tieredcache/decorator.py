@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from .errors import ConfigurationError, TenantRequiredError
-from .flows import ReadRequest, read_flow, refresh_flow, write_flow, xfetch_due
+from .flows import ReadRequest, read_flow, refresh_flow, set_flow, write_flow, xfetch_due
 from .keys import CacheKey, FunctionKeyBuilder, Tag, make_tags
 from .metrics import FIELDS, HIT
 from .tenancy import get_tenant_var, tenant_scope, validate_tenant
@@ -56,6 +56,8 @@ class CachedFunction(Protocol[P, R_co]):
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
+    def put(self, value: Any, /, *args: P.args, **kwargs: P.kwargs) -> None: ...
+
     def writer(
         self, key_args: Callable[..., tuple[Any, ...]] | None = None
     ) -> Callable[[Callable[Q, Any]], Callable[Q, Any]]: ...
@@ -75,6 +77,8 @@ class AsyncCachedFunction(Protocol[P, R_co]):
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[InvalidationResult]: ...
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+    def put(self, value: Any, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[None]: ...
 
     def writer(
         self, key_args: Callable[..., tuple[Any, ...]] | None = None
@@ -247,6 +251,29 @@ class CachedImpl:
         self.cache.notifier()
         return self.cache.sync_runner.run(refresh_flow(req, use_lock=False), req)
 
+    def _put_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ReadRequest:
+        tenant = self.tenant(args, kwargs)
+        alias: Any = (self, tenant, args)
+        if kwargs:
+            alias = (self, tenant, args, tuple(sorted(kwargs.items())))
+        try:
+            hash(alias)
+        except TypeError:
+            alias = None
+        self.cache.notifier()
+        return self.request(tenant, alias, args, kwargs)
+
+    def put(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
+        """Store ``value`` as the result for these arguments (every layer, every replica
+        drops its copy); fills in flight lose to it. Cache-aside's explicit set."""
+        req = self._put_request(args, kwargs)
+        self.cache.sync_runner.run(set_flow(req, value), req)
+
+    async def aput(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
+        """Async :meth:`put`."""
+        req = self._put_request(args, kwargs)
+        await self.cache.async_runner.run(set_flow(req, value), req)
+
     def write(self, writer: Callable[..., Any], key_args: Any, args: Any, kwargs: Any) -> Any:
         reader_args = tuple(key_args(*args, **kwargs)) if key_args else args
         reader_kwargs = {} if key_args else kwargs
@@ -353,6 +380,7 @@ class CachedImpl:
         wrapper.key = self.key
         wrapper.invalidate = self.ainvalidate if asynchronous else self.invalidate
         wrapper.refresh = self.arefresh if asynchronous else self.refresh
+        wrapper.put = self.aput if asynchronous else self.put
         wrapper.writer = self.awriter if asynchronous else self.writer
         wrapper.cache_impl = self
         self.wrapper = wrapper

@@ -18,7 +18,7 @@ Errors from redis-py, confluent-kafka or httpx are translated at the edge with
     │   ├── BackendUnavailableError the layer's circuit breaker is open
     │   └── BackendTimeoutError     the layer did not answer in time
     ├── LoaderTimeoutError          the loader exceeded its hard timeout and no stale value exists
-    └── WriteBackError              a write-back journal could not take a write
+    └── WriteBackError              the write-back journal failed or holds a bad entry
 """
 
 from __future__ import annotations
@@ -128,4 +128,5 @@ class LoaderTimeoutError(TieredCacheError, TimeoutError):
 
 
 class WriteBackError(TieredCacheError):
-    """A write could not be made durable in the write-back journal."""
+    """The write-back journal failed (a write was not acknowledged, or a read or ack
+    failed) or holds an entry that cannot be used."""

@@ -1,4 +1,4 @@
-"""Write-back journals, written once (async) and generated into sync.
+"""Write-back journals, written once as async code and generated into sync.
 
 Edit this file, then run ``python scripts/unasync.py``; CI checks that
 ``_sync/journal.py`` is up to date. redis-py errors are translated here, at the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,8 +34,8 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import redis.asyncio
-import redis.asyncio.retry
 import redis.exceptions
+from redis.asyncio import retry as redis_retry
 from redis.backoff import NoBackoff
 
 from ..errors import ConfigurationError, WriteBackError
@@ -194,7 +195,9 @@ class AsyncRedisStreamJournal:
     a flusher took but did not ack for ``claim_idle`` seconds (its flusher
     crashed) is claimed by the next flusher that reads (XAUTOCLAIM); keep
     ``claim_idle`` above your slowest store call, since a flusher that is
-    retrying renews its claim between attempts.
+    retrying renews its claim between attempts. Give each flusher its own
+    journal object. Consumers idle for ``prune_idle`` seconds that hold no
+    entries (flushers long gone) are removed from the group.
 
     Durability is Redis's: see "Loss window" in :mod:`tieredcache.writeback`.
     ``min_replicas`` makes ``append`` wait (WAIT, up to ``replica_timeout``)
@@ -215,6 +218,7 @@ class AsyncRedisStreamJournal:
         consumer: str | None = None,
         claim_idle: float = 30.0,
         max_backlog: int | None = None,
+        prune_idle: float = 3600.0,
         min_replicas: int = 0,
         replica_timeout: float = 0.5,
         socket_timeout: float = 5.0,
@@ -222,9 +226,10 @@ class AsyncRedisStreamJournal:
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisStreamJournal needs exactly one of url=, client=")
-        if claim_idle <= 0 or socket_timeout <= 0 or connect_timeout <= 0:
+        if min(claim_idle, prune_idle, socket_timeout, connect_timeout) <= 0:
             raise ConfigurationError(
-                "RedisStreamJournal claim_idle, socket_timeout and connect_timeout must be positive"
+                "RedisStreamJournal claim_idle, prune_idle, socket_timeout and connect_timeout "
+                "must be positive"
             )
         if max_backlog is not None and max_backlog <= 0:
             raise ConfigurationError(f"max_backlog must be positive, got {max_backlog}")
@@ -237,6 +242,8 @@ class AsyncRedisStreamJournal:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.claim_idle = claim_idle
         self.max_backlog = max_backlog
+        self.prune_idle = prune_idle
+        self._pruned_at = 0.0
         self.min_replicas = min_replicas
         self.replica_timeout = replica_timeout
         self.socket_timeout = socket_timeout
@@ -245,11 +252,11 @@ class AsyncRedisStreamJournal:
         self._owns_client = client is None
         if client is None:
             client = redis.asyncio.Redis.from_url(
-                url,
+                str(url),
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=connect_timeout,
                 # No silent resend: a resent append could be journaled twice.
-                retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+                retry=redis_retry.Retry(NoBackoff(), 0),
             )
         self.client = client
         self._append = client.register_script(APPEND_LUA)
@@ -310,7 +317,22 @@ class AsyncRedisStreamJournal:
             )
         for _stream, entries in reply or []:
             records.extend(_record(entry_id, fields) for entry_id, fields in entries)
+        await self._prune()
         return records
+
+    async def _prune(self) -> None:
+        """Forget consumers idle for ``prune_idle`` that hold nothing (flushers long gone)."""
+        now = time.monotonic()
+        if now - self._pruned_at < self.prune_idle / 4:
+            return
+        self._pruned_at = now
+        with _translate(self, "prune consumers"):
+            consumers = await self.client.xinfo_consumers(self.stream, self.group)
+            for consumer in consumers:
+                name = _text(consumer["name"])
+                gone = consumer["idle"] > self.prune_idle * 1000 and not consumer["pending"]
+                if gone and name != self.consumer:
+                    await self.client.xgroup_delconsumer(self.stream, self.group, name)
 
     async def _claim(self, count: int) -> list[WriteRecord]:
         """Take over entries idle longer than ``claim_idle`` (their flusher died)."""
@@ -336,10 +358,9 @@ class AsyncRedisStreamJournal:
     async def touch(self, records: Sequence[WriteRecord]) -> None:
         if records:
             ids = [record.id for record in records]
+            claim = (self.stream, self.group, self.consumer, 0, ids)
             with _translate(self, "touch"):
-                await self.client.xclaim(
-                    self.stream, self.group, self.consumer, 0, ids, justid=True
-                )
+                await self.client.xclaim(*claim, justid=True)
 
     async def ack(self, records: Sequence[WriteRecord]) -> None:
         if records:
