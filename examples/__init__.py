@@ -1,1 +1,2 @@
-"""Runnable examples: ``python -m examples.demo`` (via ``bash scripts/demo.sh``), ``examples.quickstart``."""
+"""Runnable examples: ``python -m examples.demo`` (via ``bash scripts/demo.sh``),
+``examples.quickstart`` and ``examples.write_back``."""

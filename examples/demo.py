@@ -101,8 +101,9 @@ def zipf_ids(rng: random.Random, count: int) -> list[int]:
     return rng.choices(range(PRODUCTS), weights=weights, k=count)
 
 
-async def run_load(replicas: list[tuple[TieredCache, object]], db: Database, seconds: float,
-                   workers: int) -> tuple[int, int, set[tuple[str, int]]]:
+async def run_load(
+    replicas: list[tuple[TieredCache, object]], db: Database, seconds: float, workers: int
+) -> tuple[int, int, set[tuple[str, int]]]:
     rng = random.Random(42)
     ids = zipf_ids(rng, 200_000)
     tenants = rng.choices(list(TENANTS), weights=list(TENANTS.values()), k=len(ids))
@@ -131,8 +132,9 @@ async def run_load(replicas: list[tuple[TieredCache, object]], db: Database, sec
     return requests, writes, updated
 
 
-async def verify(replicas: list[tuple[TieredCache, object]], db: Database,
-                 updated: set[tuple[str, int]]) -> int:
+async def verify(
+    replicas: list[tuple[TieredCache, object]], db: Database, updated: set[tuple[str, int]]
+) -> int:
     await asyncio.sleep(0.2)  # let the last broadcasts arrive
     stale = 0
     for tenant, product_id in sorted(updated)[:500]:
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         db = Database(Path(tmp) / "shop.db")
         replicas = [make_replica(redis.url, db) for _ in range(2)]
         for cache, _ in replicas:
-            cache.notifier()  # subscribe to invalidations before the load starts
+            cache.connect()  # subscribe to invalidations before the load starts
         metrics_server = serve_metrics(replicas[0][0], port=0)
         metrics_url = f"http://127.0.0.1:{metrics_server.server_port}/metrics"
 
@@ -169,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             return requests, writes, updated, stale, elapsed
 
         requests, writes, updated, stale, elapsed = asyncio.run(scenario())
-        print(f"\n{requests:,} reads and {writes:,} writes in {elapsed:.1f} s "
-              f"({requests / elapsed:,.0f} reads/s) over 2 replicas, 3 tenants")
-        print(f"database queries: {db.queries:,} -> the cache absorbed "
-              f"{1 - db.queries / max(requests, 1):.1%} of reads "
-              f"({requests / max(db.queries, 1):.0f}x less database load)")
-        print(f"stale reads after {len(updated):,} updates (checked {min(len(updated), 500)}): {stale}")
+        print(
+            f"\n{requests:,} reads and {writes:,} writes in {elapsed:.1f} s "
+            f"({requests / elapsed:,.0f} reads/s) over 2 replicas, 3 tenants"
+        )
+        print(
+            f"database queries: {db.queries:,} -> the cache absorbed "
+            f"{1 - db.queries / max(requests, 1):.1%} of reads "
+            f"({requests / max(db.queries, 1):.0f}x less database load)"
+        )
+        checked = min(len(updated), 500)
+        print(f"stale reads after {len(updated):,} updates (checked {checked}): {stale}")
         for index, (cache, _) in enumerate(replicas, 1):
             stats = cache.stats()
             rates = ", ".join(

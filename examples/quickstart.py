@@ -1,6 +1,6 @@
 """The README's ten-line example, runnable as it stands (in-process layer only).
 
-    python -m examples.quickstart
+python -m examples.quickstart
 """
 
 from tieredcache import MemoryLayer, TieredCache, tenant_scope

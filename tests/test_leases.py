@@ -102,8 +102,8 @@ def test_invalidation_from_another_replica_defeats_a_fill_in_flight(redis_url: s
 
     get_a = replica_a.cached(ttl=60, name="get_row", lock=False)(read)
     get_b = replica_b.cached(ttl=60, name="get_row", lock=False)(read)
-    replica_a.notifier()
-    replica_b.notifier()
+    assert replica_a.connect()
+    assert replica_b.connect()
     first: list[str] = []
 
     def slow_reader() -> None:

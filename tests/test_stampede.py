@@ -176,7 +176,7 @@ def test_waiters_are_woken_by_the_release_not_by_polling(redis_url: str) -> None
 
     load_first = first.cached(ttl=60, name="load")(loader)
     load_second = second.cached(ttl=60, name="load")(loader)
-    second.notifier()  # subscribed before the race starts
+    assert second.connect()  # subscribed before the race starts
     results: list[int] = []
 
     def call(fn: object) -> None:

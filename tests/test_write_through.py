@@ -135,7 +135,7 @@ def test_a_write_reaches_other_replicas_in_process_layers(redis_url: str) -> Non
     getters = []
     for replica in replicas:
         getters.append(replica.cached(ttl=60, name="get_row")(lambda row: store.rows[row]))
-        replica.notifier()
+        assert replica.connect()
     save_row = getters[0].writer(key_args=lambda row, value: (row,))(
         lambda row, value: store.rows.__setitem__(row, value) or value
     )

@@ -8,8 +8,12 @@ One daemon thread per cache subscribes to two channels of its namespace:
 - ``{prefix}:fills:{namespace}``: a full key, published when a fill lock is
   released; processes waiting for that fill wake up instead of polling.
 
-If the subscription breaks, messages may have been missed, so on reconnect the
-in-process layers are cleared: a cold L1 is slower, a stale one is wrong.
+The subscriber starts on first use; that request waits for it at most as long
+as Redis may take to connect. Invalidations from other replicas can be missed
+before it is subscribed and while a broken subscription reconnects, so when
+the subscription comes up late or comes back, the in-process layers are
+cleared: a cold L1 is slower, a stale one is wrong. ``TieredCache.connect()``
+subscribes up front.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class Notifier:
         prefix: str,
         namespace: str,
         on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
-        on_resync: Callable[[], None],
+        on_resync: Callable[[bool], None],
         on_error: Callable[[], None] = lambda: None,
         reconnect_delay: float = 0.5,
     ) -> None:
@@ -138,11 +142,11 @@ class Notifier:
                         confirmed += 1
                 if connected_before:
                     self.resyncs += 1
-                    self._on_resync()
+                self._on_resync(connected_before)
                 connected_before = True
                 self.ready.set()
                 while not self._stop.is_set():
-                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
                     if message is not None and message.get("type") == "message":
                         self._dispatch(message["channel"], message["data"])
             except Exception as exc:  # any failure: reconnect after a pause

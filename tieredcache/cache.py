@@ -142,6 +142,7 @@ class TieredCache:
         self.fills_channel = fills_channel(prefix, self.namespace)
         self._broadcast = broadcast and self._redis is not None
         self._notifier: Notifier | None = None
+        self._subscribed_late = True
         self._notifier_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._background_workers = background_workers
@@ -416,11 +417,22 @@ class TieredCache:
                         on_invalidate=self._apply_remote_invalidation,
                         on_resync=self._resync,
                     )
-                    # Wait once for the subscription, so invalidations published after the
-                    # first fill are not missed; later calls never wait (Redis may be down).
-                    self._notifier.start(wait=1.0)
+                    # The first request waits for the subscription at most as long as
+                    # Redis may take to connect (a few ms when it is up). If that runs
+                    # out, what was cached before it is dropped once it is up.
+                    self._subscribed_late = not self._notifier.start(wait=self._redis._timeouts[1])
                 notifier = self._notifier
         return notifier
+
+    def connect(self, timeout: float = 2.0) -> bool:
+        """Subscribe to the replica broadcast now and wait up to ``timeout`` for it.
+
+        Optional: the subscriber also starts on first use. Call it at start-up so
+        the first requests already hear other replicas' invalidations. Returns
+        whether the subscription is up (always True without a Redis layer).
+        """
+        notifier = self.notifier()
+        return True if notifier is None else notifier.ready.wait(timeout)
 
     def _apply_remote_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
         for layer in self.layers:
@@ -430,10 +442,13 @@ class TieredCache:
                 if tags:
                     layer.delete_tags(tags)
 
-    def _resync(self) -> None:
-        log.warning(
-            "tieredcache %s: broadcast reconnected; clearing in-process layers", self.namespace
-        )
+    def _resync(self, reconnected: bool) -> None:
+        if not reconnected and not self._subscribed_late:
+            return  # subscribed before anything was cached: nothing was missed
+        if reconnected:
+            log.warning(
+                "tieredcache %s: broadcast reconnected; clearing in-process layers", self.namespace
+            )
         for layer in self.layers:
             if isinstance(layer, MemoryLayer):
                 layer.clear()

@@ -12,6 +12,7 @@ single-flight.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import typing
@@ -85,6 +86,18 @@ class AsyncCachedFunction(Protocol[P, R_co]):
     ) -> Callable[[Callable[Q, Awaitable[Any]]], Callable[Q, Awaitable[Any]]]: ...
 
 
+def make_alias(
+    impl: CachedImpl, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The in-process lookup key of a call; the wrappers inline the same expressions."""
+    if kwargs:
+        named = tuple(sorted((k, v, type(v)) for k, v in kwargs.items()))
+        return (impl, tenant, args, *map(type, args), named)
+    if len(args) == 1:
+        return (impl, tenant, args, type(args[0]))
+    return (impl, tenant, args, *map(type, args))
+
+
 def _return_type(func: Callable[..., Any]) -> Any:
     try:
         hints = typing.get_type_hints(func)
@@ -111,9 +124,58 @@ class CacheDecorator:
 
     def __call__(self, func: Callable[P, Any]) -> Any:
         impl = CachedImpl(self.cache, self.policy, func, **self.options)
-        if inspect.iscoroutinefunction(func):
-            return impl.async_wrapper()
-        return impl.sync_wrapper()
+        asynchronous = inspect.iscoroutinefunction(func)
+        wrapper = impl.async_wrapper() if asynchronous else impl.sync_wrapper()
+        params = list(inspect.signature(func).parameters)
+        if params and params[0] in ("self", "cls"):
+            return CachedMethod(wrapper)
+        return wrapper
+
+
+class CachedMethod:
+    """A cached method: ``obj.method(...)``, ``obj.method.invalidate(...)`` and the
+    other helpers all receive ``obj``. ``self`` is left out of keys (as cachetools'
+    ``methodkey`` does): give the method a parameter that says what differs."""
+
+    def __init__(self, wrapper: Any) -> None:
+        functools.update_wrapper(self, wrapper)
+        self.wrapper = wrapper
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self.wrapper
+        return BoundCachedMethod(self.wrapper, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper(*args, **kwargs)
+
+
+class BoundCachedMethod:
+    """``obj.method`` for a cached method: the wrapper and its helpers with ``obj`` bound."""
+
+    __slots__ = ("__self__", "wrapper")
+
+    def __init__(self, wrapper: Any, instance: Any) -> None:
+        self.wrapper = wrapper
+        self.__self__ = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper(self.__self__, *args, **kwargs)
+
+    def key(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper.key(self.__self__, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper.invalidate(self.__self__, *args, **kwargs)
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper.refresh(self.__self__, *args, **kwargs)
+
+    def put(self, value: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper.put(value, self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapper, name)
 
 
 class CachedImpl:
@@ -253,9 +315,7 @@ class CachedImpl:
 
     def _put_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ReadRequest:
         tenant = self.tenant(args, kwargs)
-        alias: Any = (self, tenant, args)
-        if kwargs:
-            alias = (self, tenant, args, tuple(sorted(kwargs.items())))
+        alias: Any = make_alias(self, tenant, args, kwargs)
         try:
             hash(alias)
         except TypeError:
@@ -365,10 +425,18 @@ class CachedImpl:
 
     def call_for_tenant(self, tenant: str, *args: Any) -> Any:
         """Call the wrapper with ``tenant`` in scope (read-through ``cache.get``)."""
+        if inspect.iscoroutinefunction(self.func):
+            raise ConfigurationError(
+                f"the read-through loader {self.name} is async: use await cache.aget(...)"
+            )
         with tenant_scope(tenant):
             return self.wrapper(*args)
 
     async def acall_for_tenant(self, tenant: str, *args: Any) -> Any:
+        if not inspect.iscoroutinefunction(self.func):
+            # A sync loader must not block the event loop: run it on a thread
+            # (to_thread copies the context, so the tenant scope goes along).
+            return await asyncio.to_thread(self.call_for_tenant, tenant, *args)
         with tenant_scope(tenant):
             return await self.wrapper(*args)
 
@@ -412,11 +480,14 @@ class CachedImpl:
                 tenant = resolve_tenant(args, kwargs)
             if fast_get is None:
                 return miss(tenant, None, args, kwargs)
-            alias = (
-                (impl, tenant, args, tuple(sorted(kwargs.items())))
-                if kwargs
-                else (impl, tenant, args)
-            )
+            # Argument types are part of the alias: 1, 1.0 and True are equal in Python
+            # but are different calls (and different keys) here.
+            if kwargs:
+                alias = make_alias(impl, tenant, args, kwargs)
+            elif len(args) == 1:
+                alias = (impl, tenant, args, type(args[0]))
+            else:
+                alias = (impl, tenant, args, *map(type, args))
             try:
                 slot = fast_get(alias)
             except TypeError:  # unhashable arguments: the slow path keys by string
@@ -454,11 +525,14 @@ class CachedImpl:
                 tenant = resolve_tenant(args, kwargs)
             if fast_get is None:
                 return await miss(tenant, None, args, kwargs)
-            alias = (
-                (impl, tenant, args, tuple(sorted(kwargs.items())))
-                if kwargs
-                else (impl, tenant, args)
-            )
+            # Argument types are part of the alias: 1, 1.0 and True are equal in Python
+            # but are different calls (and different keys) here.
+            if kwargs:
+                alias = make_alias(impl, tenant, args, kwargs)
+            elif len(args) == 1:
+                alias = (impl, tenant, args, type(args[0]))
+            else:
+                alias = (impl, tenant, args, *map(type, args))
             try:
                 slot = fast_get(alias)
             except TypeError:

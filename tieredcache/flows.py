@@ -25,11 +25,12 @@ Orderings that matter, and why:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import secrets
 from collections.abc import Callable, Generator, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .entry import Entry
@@ -50,6 +51,8 @@ from .policy import Policy
 from .serde import Decoder, EntryCodec
 
 __all__ = ["Flow", "ReadRequest"]
+
+log = logging.getLogger("tieredcache")
 
 # -- operations ------------------------------------------------------------------
 
@@ -169,6 +172,8 @@ class ReadRequest:
     stores_objects: Sequence[bool]
     lock_layer: int | None
     loader_base: int
+    # Layers that failed during this request: skipped for the rest of it.
+    failed: set[int] = field(default_factory=set)
 
 
 def _decode(req: ReadRequest, position: int, stored: Any) -> Entry | None:
@@ -177,7 +182,8 @@ def _decode(req: ReadRequest, position: int, stored: Any) -> Entry | None:
         return entry
     try:
         return req.codec.decode(req.key.full, stored, req.decode)
-    except DecodeError:
+    except DecodeError as exc:
+        log.warning("tieredcache dropped a bad entry (%s): %s", req.function, exc)
         return None
 
 
@@ -206,7 +212,11 @@ def _walk(req: ReadRequest, leases: list[Any]) -> Generator[Op, Any, tuple[bool,
         leases[position] = lease
         entry = None if stored is None else _decode(req, position, stored)
         if stored is not None and entry is None:
-            yield Delete(position)  # undecodable or tampered: a miss, and gone
+            # Undecodable or tampered: an error, a miss, and gone. The delete bumps the
+            # key's generation, so the lease is taken again after it for our own fill.
+            _count(req, position, ERROR)
+            yield Delete(position)
+            _, leases[position] = yield Get(position)
         if entry is None or entry.stale_until <= now:
             _count(req, position, MISS)
             continue

@@ -199,7 +199,8 @@ class FunctionKeyBuilder:
     def tenant_from(self, bound: inspect.BoundArguments) -> str | None:
         if self.tenant_param is None:
             return None
-        return validate_tenant(bound.arguments[self.tenant_param])
+        value = bound.arguments[self.tenant_param]
+        return None if value is None else validate_tenant(value)
 
     def body(self, bound: inspect.BoundArguments) -> str:
         """The key body ``name:vVERSION:ARGS`` for bound arguments."""

@@ -72,15 +72,23 @@ class LayerGuard:
         counters: list[int] | None,
         fn: Callable[[], T],
         default: T,
+        failed: set[int] | None = None,
     ) -> T:
+        """``failed``: the request's set of layers that already failed it; a layer that
+        failed once is skipped for the rest of the request (one timeout, not one per
+        operation)."""
         breaker = self.breaker
         if breaker is not None and not breaker.allow():
+            return default
+        if failed is not None and self.index in failed:
             return default
         start = time.perf_counter()
         try:
             result = fn()
         except BackendError as exc:
             self._failed(operation, counters, exc)
+            if failed is not None:
+                failed.add(self.index)
             return default
         self.metrics.histogram(self.name, function, operation).observe(time.perf_counter() - start)
         if breaker is not None:
@@ -94,15 +102,20 @@ class LayerGuard:
         counters: list[int] | None,
         fn: Callable[[], Any],
         default: Any,
+        failed: set[int] | None = None,
     ) -> Any:
         breaker = self.breaker
         if breaker is not None and not breaker.allow():
+            return default
+        if failed is not None and self.index in failed:
             return default
         start = time.perf_counter()
         try:
             result = await fn()
         except BackendError as exc:
             self._failed(operation, counters, exc)
+            if failed is not None:
+                failed.add(self.index)
             return default
         self.metrics.histogram(self.name, function, operation).observe(time.perf_counter() - start)
         if breaker is not None:
@@ -175,11 +188,17 @@ class SyncRunner:
                 req.counters,
                 lambda: layer.get_with_lease(req.key, req.tags),
                 (None, None),
+                failed=req.failed,
             )
         if kind is Set:
             guard = cache.guards[req.storage[op.layer]]
             accepted = guard.call(
-                "set", req.function, req.counters, _set_call(guard, req, op, ""), None
+                "set",
+                req.function,
+                req.counters,
+                _set_call(guard, req, op, ""),
+                None,
+                failed=req.failed,
             )
             if accepted:
                 req.counters[guard.index * FIELDS + SET] += 1
@@ -189,7 +208,14 @@ class SyncRunner:
         if kind is Delete:
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
-            guard.call("delete", req.function, req.counters, lambda: layer.delete([req.key]), None)
+            guard.call(
+                "delete",
+                req.function,
+                req.counters,
+                lambda: layer.delete([req.key]),
+                None,
+                failed=req.failed,
+            )
             req.counters[guard.index * FIELDS + INVALIDATION] += 1
             return None
         if kind is Lock:
@@ -202,6 +228,7 @@ class SyncRunner:
                 req.counters,
                 lambda: layer.sync_store().acquire_lock(req.key, op.token, px),
                 None,
+                failed=req.failed,
             )
         if kind is Unlock:
             guard = cache.guards[op.layer]
@@ -213,6 +240,7 @@ class SyncRunner:
                 req.counters,
                 lambda: layer.sync_store().release_lock(req.key, op.token, channel),
                 None,
+                failed=req.failed,
             )
         if kind is WaitFill:
             return self._wait_fill(op, req)
@@ -275,6 +303,7 @@ class SyncRunner:
                 req.counters,
                 lambda: layer.sync_store().lock_held(req.key),
                 False,
+                failed=req.failed,
             )
             if held:
                 waiter.event.wait(op.timeout)
@@ -334,11 +363,17 @@ class AsyncRunner:
                 req.counters,
                 lambda: layer.aget_with_lease(req.key, req.tags),
                 (None, None),
+                failed=req.failed,
             )
         if kind is Set:
             guard = cache.guards[req.storage[op.layer]]
             accepted = await guard.acall(
-                "set", req.function, req.counters, _set_call(guard, req, op, "a"), None
+                "set",
+                req.function,
+                req.counters,
+                _set_call(guard, req, op, "a"),
+                None,
+                failed=req.failed,
             )
             if accepted:
                 req.counters[guard.index * FIELDS + SET] += 1
@@ -349,7 +384,12 @@ class AsyncRunner:
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
             await guard.acall(
-                "delete", req.function, req.counters, lambda: layer.adelete([req.key]), None
+                "delete",
+                req.function,
+                req.counters,
+                lambda: layer.adelete([req.key]),
+                None,
+                failed=req.failed,
             )
             req.counters[guard.index * FIELDS + INVALIDATION] += 1
             return None
@@ -363,6 +403,7 @@ class AsyncRunner:
                 req.counters,
                 lambda: layer.async_store().acquire_lock(req.key, op.token, px),
                 None,
+                failed=req.failed,
             )
         if kind is Unlock:
             guard = cache.guards[op.layer]
@@ -374,6 +415,7 @@ class AsyncRunner:
                 req.counters,
                 lambda: layer.async_store().release_lock(req.key, op.token, channel),
                 None,
+                failed=req.failed,
             )
         if kind is WaitFill:
             return await self._wait_fill(op, req)
@@ -429,6 +471,7 @@ class AsyncRunner:
                 req.counters,
                 lambda: layer.async_store().lock_held(req.key),
                 False,
+                failed=req.failed,
             )
             if held:
                 with contextlib.suppress(TimeoutError):

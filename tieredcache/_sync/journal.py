@@ -34,12 +34,17 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Protocol
 
-import redis
-import redis.exceptions
-from redis import retry as redis_retry
-from redis.backoff import NoBackoff
+try:
+    import redis
+    import redis.exceptions
+    from redis import retry as redis_retry
+    from redis.backoff import NoBackoff
+except ImportError:  # the [redis] extra is optional: using the journal says so
+    redis_available = False
+else:
+    redis_available = True
 
-from ..errors import ConfigurationError, WriteBackError
+from ..errors import ConfigurationError, MissingExtraError, WriteBackError
 from ..keys import validate_namespace
 from ..writeback import WriteRecord
 
@@ -252,6 +257,8 @@ class RedisStreamJournal:
         self._cursor: Any = "0-0"
         self._owns_client = client is None
         if client is None:
+            if not redis_available:
+                raise MissingExtraError("redis", "redis")
             client = redis.Redis.from_url(
                 str(url),
                 socket_timeout=socket_timeout,

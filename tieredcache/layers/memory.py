@@ -227,12 +227,13 @@ class MemoryLayer:
         with self.lock:
             if lease is not None and not self._lease_valid(lease, full, tag_names):
                 return False
-            old = self._fast.get(alias)
-            if old is not None:
-                self._unindex(alias, old)
             if bump:
                 self._mark_invalidated("k:" + full)
-                self._drop_full_key(full)
+            # Other aliases of this key (f(1) and f(x=1)) hold older values now.
+            old = self._fast.get(alias)
+            if old is not None and old.full_key != full:
+                self._drop_full_key(old.full_key)
+            self._drop_full_key(full)
             self._replay_recent()
             slot = _Slot(
                 entry, full, tag_names, entry.fresh_until if refresh_at is None else refresh_at

@@ -14,15 +14,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ..entry import Entry
 from ..errors import BackendError, ConfigurationError, MissingExtraError
 from ..keys import CacheKey, Tag
-from ._async.redis_store import AsyncRedisStore
-from ._sync.redis_store import RedisStore
 from .redis_keyspace import RedisKeyspace
+
+if TYPE_CHECKING:  # the stores import redis-py: loaded on first use, so the extra stays optional
+    from ._async.redis_store import AsyncRedisStore
+    from ._sync.redis_store import RedisStore
 
 __all__ = ["RedisLayer"]
 
@@ -130,6 +132,9 @@ class RedisLayer:
         if store is None:
             with self._lock:
                 if self._sync_store is None:
+                    _import_redis()
+                    from ._sync.redis_store import RedisStore
+
                     client = self._client if self._client is not None else self._build(False)
                     self._sync_store = RedisStore(
                         client,
@@ -145,6 +150,9 @@ class RedisLayer:
         loop = asyncio.get_running_loop()
         store = self._async_stores.get(loop)
         if store is None:
+            _import_redis()
+            from ._async.redis_store import AsyncRedisStore
+
             if self._async_client_factory is not None:
                 client = self._async_client_factory()
             elif self._client is not None:

@@ -9,6 +9,7 @@ to that many slots, and a tag invalidation runs once per bucket.
 
     {prefix}:{ns:tenant:b}:v:<body>   value
     {prefix}:{ns:tenant:b}:gk:<body>  key generation (bumped by invalidation)
+    {prefix}:{ns:tenant:b}:kt:<body>  the value's tag-set names (to leave old tags)
     {prefix}:{ns:tenant:b}:t:<tag>    tag set: value names carrying the tag
     {prefix}:{ns:tenant:b}:gt:<tag>   tag generation
     {prefix}:{ns:tenant:b}:l:<body>   fill lock
@@ -16,6 +17,7 @@ to that many slots, and a tag invalidation runs once per bucket.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
 
@@ -31,8 +33,8 @@ class RedisKeyspace:
     def __init__(self, prefix: str, tenant_slots: int) -> None:
         if tenant_slots < 1 or tenant_slots > 1024:
             raise ConfigurationError(f"tenant_slots must be 1..1024, got {tenant_slots}")
-        if not prefix or any(c in prefix for c in "{} "):
-            raise ConfigurationError(f"key_prefix {prefix!r} must be non-empty, without braces")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", prefix):
+            raise ConfigurationError(f"key_prefix {prefix!r} must be 1-32 of [A-Za-z0-9._-]")
         self.prefix = prefix
         self.tenant_slots = tenant_slots
 
@@ -60,14 +62,15 @@ class RedisKeyspace:
         """Tag-set names and tag-generation names of ``tags`` within one slot."""
         return [f"{slot}:t:{t.name}" for t in tags], [f"{slot}:gt:{t.name}" for t in tags]
 
-    def key_groups(self, keys: Sequence[CacheKey]) -> list[tuple[list[str], list[str]]]:
-        """Keys grouped per slot: (value names, key-generation names)."""
-        groups: dict[str, tuple[list[str], list[str]]] = {}
+    def key_groups(self, keys: Sequence[CacheKey]) -> list[tuple[list[str], list[str], list[str]]]:
+        """Keys grouped per slot: (value names, key-generation names, key-tags names)."""
+        groups: dict[str, tuple[list[str], list[str], list[str]]] = {}
         for key in keys:
             slot = self.slot_of(key)
-            values, gens = groups.setdefault(slot, ([], []))
+            values, gens, key_tags = groups.setdefault(slot, ([], [], []))
             values.append(f"{slot}:v:{key.body}")
             gens.append(f"{slot}:gk:{key.body}")
+            key_tags.append(f"{slot}:kt:{key.body}")
         return list(groups.values())
 
     def tag_groups(self, tags: Sequence[Tag]) -> list[tuple[list[str], list[str]]]:

@@ -23,10 +23,12 @@ from ...keys import CacheKey, Tag
 from ..redis_keyspace import RedisKeyspace
 
 # Fill with a lease: refuse the write if the key's or a tag's generation moved
-# since the miss (an invalidation happened while the loader ran).
-# KEYS: value, key-gen, tag-set x n, tag-gen x n
+# since the miss (an invalidation happened while the loader ran). The key's own
+# tag list (kt) lets a re-fill with other tags leave the tag sets it no longer
+# belongs to, so deleting an old tag never takes a newer value with it.
 # A write (bump=1) also bumps the key generation, so fills that started before it
 # are refused afterwards.
+# KEYS: value, key-gen, key-tags, tag-set x n, tag-gen x n
 # ARGV: payload, px, n, check(0/1), tag-set px, bump(0/1), gen px,
 #       expected key-gen, expected tag-gen x n
 FILL_LUA = """
@@ -34,9 +36,15 @@ local n = tonumber(ARGV[3])
 if ARGV[4] == '1' then
   if (redis.call('GET', KEYS[2]) or '') ~= ARGV[8] then return 0 end
   for i = 1, n do
-    if (redis.call('GET', KEYS[2 + n + i]) or '') ~= ARGV[8 + i] then return 0 end
+    if (redis.call('GET', KEYS[3 + n + i]) or '') ~= ARGV[8 + i] then return 0 end
   end
 end
+local wanted = {}
+for i = 1, n do wanted[KEYS[3 + i]] = true end
+for _, old in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if not wanted[old] then redis.call('SREM', old, KEYS[1]) end
+end
+redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[6] == '1' then
   redis.call('INCR', KEYS[2])
@@ -44,34 +52,48 @@ if ARGV[6] == '1' then
 end
 local tag_px = tonumber(ARGV[5])
 for i = 1, n do
-  redis.call('SADD', KEYS[2 + i], KEYS[1])
-  if redis.call('PTTL', KEYS[2 + i]) < tag_px then redis.call('PEXPIRE', KEYS[2 + i], tag_px) end
+  redis.call('SADD', KEYS[3 + i], KEYS[1])
+  if redis.call('PTTL', KEYS[3 + i]) < tag_px then redis.call('PEXPIRE', KEYS[3 + i], tag_px) end
+  redis.call('SADD', KEYS[3], KEYS[3 + i])
 end
+if n > 0 then redis.call('PEXPIRE', KEYS[3], tag_px) end
 return 1
 """
 
-# Invalidate keys of one slot: drop values, bump their generations.
-# KEYS: value x n, key-gen x n   ARGV: n, gen px
+# Invalidate keys of one slot: drop values and their tag memberships, bump generations.
+# KEYS: value x n, key-gen x n, key-tags x n   ARGV: n, gen px
 DELETE_KEYS_LUA = """
 local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
   dropped = dropped + redis.call('DEL', KEYS[i])
+  for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2 * n + i])) do
+    redis.call('SREM', tag, KEYS[i])
+  end
+  redis.call('DEL', KEYS[2 * n + i])
   redis.call('INCR', KEYS[n + i])
   redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
 end
 return dropped
 """
 
-# Invalidate tags of one slot: drop every member value and the set, bump the tag generation.
+# Invalidate tags of one slot: drop every member value (and its memberships in other
+# tags) and the set, bump the tag generation. Member names share this slot's hash tag.
 # KEYS: tag-set x n, tag-gen x n   ARGV: n, gen px
 DELETE_TAGS_LUA = """
 local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
-  local members = redis.call('SMEMBERS', KEYS[i])
-  for j = 1, #members, 500 do
-    dropped = dropped + redis.call('DEL', unpack(members, j, math.min(j + 499, #members)))
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    dropped = dropped + redis.call('DEL', member)
+    local cut = string.find(member, '}:v:', 1, true)
+    if cut then
+      local key_tags = string.sub(member, 1, cut) .. ':kt:' .. string.sub(member, cut + 4)
+      for _, tag in ipairs(redis.call('SMEMBERS', key_tags)) do
+        if tag ~= KEYS[i] then redis.call('SREM', tag, member) end
+      end
+      redis.call('DEL', key_tags)
+    end
   end
   redis.call('DEL', KEYS[i])
   redis.call('INCR', KEYS[n + i])
@@ -164,27 +186,37 @@ class RedisStore:
         args: list[Any] = [payload, px, len(tags), check, tag_set_px, int(bump), self.gen_px]
         if lease is not None:
             args.extend(b"" if g is None else g for g in lease)
-        names = [f"{slot}:v:{key.body}", f"{slot}:gk:{key.body}", *tag_sets, *tag_gens]
+        names = [
+            f"{slot}:v:{key.body}",
+            f"{slot}:gk:{key.body}",
+            f"{slot}:kt:{key.body}",
+            *tag_sets,
+            *tag_gens,
+        ]
         with translate_errors(self.layer, "set"):
             result = self._fill(keys=names, args=args)
         return bool(result)
 
     def _per_slot(
-        self, operation: str, script: Any, groups: Sequence[tuple[list[str], list[str]]]
+        self, operation: str, script: Any, groups: Sequence[Sequence[list[str]]]
     ) -> int:
+        """Run ``script`` once per slot group (its name lists concatenated), pipelined
+        on standalone Redis; on a cluster each group goes to its own node."""
         total = 0
         with translate_errors(self.layer, operation):
             if self.cluster:
-                for first, second in groups:
-                    keys = [*first, *second]
-                    total += int(script(keys=keys, args=[len(first), self.gen_px]))
+                for group in groups:
+                    keys = [name for names in group for name in names]
+                    total += int(script(keys=keys, args=[len(group[0]), self.gen_px]))
                 return total
-            pipe = self.client.pipeline(transaction=False)
-            for first, second in groups:
-                keys = [*first, *second]
-                script(keys=keys, args=[len(first), self.gen_px], client=pipe)
-            for result in pipe.execute():
-                total += int(result)
+            # The context manager resets the pipeline, returning its connection even
+            # when execute() fails half-way (Redis down).
+            with self.client.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    keys = [name for names in group for name in names]
+                    script(keys=keys, args=[len(group[0]), self.gen_px], client=pipe)
+                for result in pipe.execute():
+                    total += int(result)
         return total
 
     def delete(self, keys: Sequence[CacheKey]) -> int:
