@@ -250,3 +250,42 @@ def test_stale_while_revalidate_refresh_is_single_cluster_wide(redis_url: str) -
     assert calls == 2
     for cache in replicas:
         cache.close()
+
+
+@pytest.mark.redis
+def test_a_background_refresh_skips_the_load_when_another_replica_already_refreshed(
+    redis_url: str,
+) -> None:
+    """A refresh prompted by an entry created at t0 only back-fills when a layer already
+    holds a fresh entry created after t0 (another replica won the race)."""
+    from tieredcache.decorator import cached_impl
+    from tieredcache.flows import refresh_flow
+
+    clock = FakeClock(time.time())
+    calls = 0
+
+    def load(item: int) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    replicas = [
+        TieredCache(
+            "skip", [MemoryLayer(timer=clock), RedisLayer(url=redis_url, timer=clock)], clock=clock
+        )
+        for _ in range(2)
+    ]
+    functions = [r.cached(ttl=10, stale_while_revalidate=60, name="load")(load) for r in replicas]
+    with tenant_scope("acme"):
+        assert functions[0](1) == 1
+        prompted_by = clock()
+        clock.advance(15)
+        assert functions[1].refresh(1) == 2  # the other replica refreshed first
+        impl = cached_impl(functions[0])
+        req = impl.request("acme", None, (1,), {})
+        value = replicas[0].sync_runner.run(refresh_flow(req, seen=prompted_by), req)
+        assert value == 2
+        assert calls == 2
+        assert functions[0](1) == 2
+    for cache in replicas:
+        cache.close()

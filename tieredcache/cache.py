@@ -515,7 +515,7 @@ class TieredCache:
             self._refreshing.add(full_key)
             return True
 
-    def spawn_refresh(self, req: ReadRequest) -> None:
+    def spawn_refresh(self, req: ReadRequest, seen: float | None = None) -> None:
         """Recompute ``req``'s key in the background once (stale-while-revalidate, XFetch)."""
         if not self._claim_refresh(req.key.full):
             return
@@ -523,7 +523,7 @@ class TieredCache:
 
         def work() -> None:
             try:
-                self.sync_runner.run(refresh_flow(req), req)
+                self.sync_runner.run(refresh_flow(req, seen=seen), req)
             except Exception:
                 log.exception("tieredcache refresh of %s failed", req.key)
             finally:
@@ -531,14 +531,14 @@ class TieredCache:
 
         self.executor().submit(contextvars.copy_context().run, work)
 
-    def spawn_arefresh(self, req: ReadRequest) -> None:
+    def spawn_arefresh(self, req: ReadRequest, seen: float | None = None) -> None:
         if not self._claim_refresh(req.key.full):
             return
         req.counters[self.metrics.loader_base + REFRESHES] += 1
 
         async def work() -> None:
             try:
-                await self.async_runner.run(refresh_flow(req), req)
+                await self.async_runner.run(refresh_flow(req, seen=seen), req)
             except Exception:
                 log.exception("tieredcache refresh of %s failed", req.key)
             finally:

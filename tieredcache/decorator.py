@@ -290,7 +290,9 @@ class CachedImpl:
         now = self.cache.clock()
         if now < slot.entry.fresh_until:
             if xfetch_due(slot.entry, now, self.policy.early_refresh_beta):
-                self.cache.spawn_refresh(self.request(tenant, alias, args, kwargs))
+                self.cache.spawn_refresh(
+                    self.request(tenant, alias, args, kwargs), slot.entry.created_at
+                )
             self.counters_for(tenant)[self.hit_index] += 1
             return slot.value
         return self.miss(tenant, alias, args, kwargs)
@@ -370,7 +372,9 @@ class CachedImpl:
         now = self.cache.clock()
         if now < slot.entry.fresh_until:
             if xfetch_due(slot.entry, now, self.policy.early_refresh_beta):
-                self.cache.spawn_arefresh(self.request(tenant, alias, args, kwargs))
+                self.cache.spawn_arefresh(
+                    self.request(tenant, alias, args, kwargs), slot.entry.created_at
+                )
             self.counters_for(tenant)[self.hit_index] += 1
             return slot.value
         return await self.amiss(tenant, alias, args, kwargs)

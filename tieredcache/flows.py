@@ -120,7 +120,13 @@ class WaitFill:
 
 @dataclass(slots=True)
 class Refresh:
-    """Recompute the key in the background (one refresher per key)."""
+    """Recompute the key in the background (one refresher per key).
+
+    ``seen``: ``created_at`` of the entry that prompted it; the refresh is
+    skipped if a layer already holds a newer fresh entry by the time it runs.
+    """
+
+    seen: float
 
 
 @dataclass(slots=True)
@@ -224,7 +230,7 @@ def _walk(req: ReadRequest, leases: list[Any]) -> Generator[Op, Any, tuple[bool,
             _count(req, position, HIT)
             yield from _backfill(req, entry, leases, position)
             if xfetch_due(entry, now, req.policy.early_refresh_beta):
-                yield Refresh()
+                yield Refresh(entry.created_at)
             return True, entry.value
         _count(req, position, MISS)
         if stale is None or entry.fresh_until > stale.fresh_until:
@@ -248,7 +254,7 @@ def read_flow(req: ReadRequest) -> Flow:
     if stale is not None:
         if req.clock() < stale.fresh_until + req.policy.stale_while_revalidate:
             _count(req, 0, STALE)
-            yield Refresh()
+            yield Refresh(stale.created_at)
             return stale.value
         if (yield Pending()):
             # A load that outlived its soft timeout is still running: serve stale
@@ -387,16 +393,25 @@ def _throttle(req: ReadRequest, stale: Entry, leases: list[Any]) -> Flow:
     yield from _store(req, throttled, leases, bump=False)
 
 
-def refresh_flow(req: ReadRequest, use_lock: bool = True) -> Flow:
+def refresh_flow(req: ReadRequest, use_lock: bool = True, seen: float | None = None) -> Flow:
     """Recompute now, leases taken first.
 
     Background refreshes (stale-while-revalidate, XFetch) take the fill lock
-    without waiting, so one process cluster-wide recomputes; an explicit
-    refresh (``use_lock=False``) always recomputes.
+    without waiting, so one process cluster-wide recomputes, and they first
+    look whether a layer already holds a fresh entry newer than ``seen`` (the
+    one that prompted them: another replica refreshed it meanwhile); then they
+    only back-fill. An explicit refresh (``use_lock=False``) always recomputes.
     """
     leases: list[Any] = [None] * len(req.storage)
+    now = req.clock()
     for position in range(len(req.storage)):
-        _, leases[position] = yield Get(position)
+        stored, leases[position] = yield Get(position)
+        if seen is None or stored is None:
+            continue
+        entry = _decode(req, position, stored)
+        if entry is not None and entry.created_at > seen and entry.fresh_until > now:
+            yield from _backfill(req, entry, leases, position)
+            return entry.value
     token: str | None = None
     if use_lock and req.lock_layer is not None and req.policy.lock:
         token = secrets.token_hex(12)

@@ -245,7 +245,7 @@ class SyncRunner:
         if kind is WaitFill:
             return self._wait_fill(op, req)
         if kind is Refresh:
-            cache.spawn_refresh(req)
+            cache.spawn_refresh(req, op.seen)
             return None
         if kind is Pending:
             return req.key.full in cache.pending
@@ -420,7 +420,7 @@ class AsyncRunner:
         if kind is WaitFill:
             return await self._wait_fill(op, req)
         if kind is Refresh:
-            cache.spawn_arefresh(req)
+            cache.spawn_arefresh(req, op.seen)
             return None
         if kind is Pending:
             return req.key.full in cache.pending
