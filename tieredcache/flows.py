@@ -59,20 +59,36 @@ log = logging.getLogger("tieredcache")
 
 @dataclass(slots=True)
 class Get:
-    """Read ``key`` from storage layer ``layer`` -> (stored value or None, lease)."""
+    """Read ``key`` from storage layer ``layer`` -> (stored value or None, lease).
+
+    In-process layers hand out their lease with the read (it is free); shared
+    layers return ``None`` as the lease, so that a hit costs one plain GET: their
+    lease comes with the fill lock, or from a ``Lease``, before the loader runs.
+    """
+
+    layer: int
+
+
+@dataclass(slots=True)
+class Lease:
+    """Take the fill lease of storage layer ``layer`` -> lease, or None if it failed."""
 
     layer: int
 
 
 @dataclass(slots=True)
 class Set:
-    """Store in layer ``layer`` -> True, False (lease refused) or None (layer failed)."""
+    """Store in layer ``layer`` -> True, False (lease refused) or None (layer failed).
+
+    ``unlock``: the fill-lock token to release in the same round trip.
+    """
 
     layer: int
     stored: Any
     entry: Entry
     lease: Any
     bump: bool = False
+    unlock: str | None = None
 
 
 @dataclass(slots=True)
@@ -97,7 +113,8 @@ class Load:
 
 @dataclass(slots=True)
 class Lock:
-    """Try to take the fill lock in layer ``layer`` -> True, False (held) or None (failed)."""
+    """Try to take the fill lock in layer ``layer`` -> (taken, lease): taken is True,
+    False (held by another) or None (the layer failed); the lease comes with it."""
 
     layer: int
     token: str
@@ -152,7 +169,20 @@ class Publish:
     tags: Sequence[Tag]
 
 
-Op = Get | Set | Delete | Load | Lock | Unlock | WaitFill | Refresh | Pending | Invalidate | Publish
+Op = (
+    Get
+    | Lease
+    | Set
+    | Delete
+    | Load
+    | Lock
+    | Unlock
+    | WaitFill
+    | Refresh
+    | Pending
+    | Invalidate
+    | Publish
+)
 Flow = Generator[Op, Any, Any]
 SOFT_TIMEOUT: Any = object()
 BROADCAST = -1  # the position reported when the replica broadcast failed
@@ -213,28 +243,32 @@ def _walk(req: ReadRequest, leases: list[Any]) -> Generator[Op, Any, tuple[bool,
     """Read the layers fastest first -> (True, value) on a fresh hit, else (False, stale)."""
     now = req.clock()
     stale: Entry | None = None
+    last = len(req.storage) - 1
     for position in range(len(req.storage)):
-        stored, lease = yield Get(position)
-        leases[position] = lease
+        stored, leases[position] = yield Get(position)
         entry = None if stored is None else _decode(req, position, stored)
         if stored is not None and entry is None:
-            # Undecodable or tampered: an error, a miss, and gone. The delete bumps the
-            # key's generation, so the lease is taken again after it for our own fill.
+            # Undecodable or tampered: an error, a miss, and gone. (Shared layers take
+            # their lease later, so the generation this delete bumps is included.)
             _count(req, position, ERROR)
             yield Delete(position)
-            _, leases[position] = yield Get(position)
-        if entry is None or entry.stale_until <= now:
-            _count(req, position, MISS)
-            continue
-        if entry.fresh_until > now:
+        if entry is not None and entry.fresh_until > now:
             _count(req, position, HIT)
             yield from _backfill(req, entry, leases, position)
             if xfetch_due(entry, now, req.policy.early_refresh_beta):
                 yield Refresh(entry.created_at)
             return True, entry.value
         _count(req, position, MISS)
-        if stale is None or entry.fresh_until > stale.fresh_until:
+        if (
+            entry is not None
+            and entry.stale_until > now
+            and (stale is None or entry.fresh_until > stale.fresh_until)
+        ):
             stale = entry
+        if position < last and leases[position] is None:
+            # A shared layer that a slower one may back-fill: its lease must predate
+            # that slower read. (The usual [memory, redis] never gets here.)
+            leases[position] = yield Lease(position)
     return False, stale
 
 
@@ -270,6 +304,8 @@ def _backfill(req: ReadRequest, entry: Entry, leases: list[Any], found_at: int) 
         if req.stores_objects[position]:
             stored: Any = entry
         else:
+            if leases[position] is None:
+                continue  # no lease from before the slower read: never back-fill blind
             if stored_bytes is None:
                 stored_bytes = req.codec.encode(req.key.full, entry)
             stored = stored_bytes
@@ -286,29 +322,31 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
     lock_layer = req.lock_layer
     if lock_layer is not None and policy.lock:
         token = secrets.token_hex(12)
-        got = yield Lock(lock_layer, token, policy.lock_ttl)
+        position = req.storage.index(lock_layer)
+        got, lease = yield Lock(lock_layer, token, policy.lock_ttl)
         if got is False:
             req.counters[req.loader_base + LOCK_WAITS] += 1
-            position = req.storage.index(lock_layer)
             deadline = req.clock() + policy.lock_wait
             while got is False:
                 remaining = deadline - req.clock()
                 if remaining <= 0:
                     break
                 yield WaitFill(lock_layer, remaining)
-                stored, lease = yield Get(position)
-                leases[position] = lease
+                stored, _ = yield Get(position)
                 entry = None if stored is None else _decode(req, position, stored)
                 if entry is not None and entry.fresh_until > req.clock():
                     _count(req, position, HIT)
                     yield from _backfill(req, entry, leases, position)
                     return entry.value
-                got = yield Lock(lock_layer, token, policy.lock_ttl)
+                got, lease = yield Lock(lock_layer, token, policy.lock_ttl)
             if got is False and stale is not None:
                 _count(req, 0, STALE)
                 return stale.value
-        if not got:
+        if got:
+            leases[position] = lease
+        else:
             token = None  # the lock layer failed or the wait ran out: load without it
+    yield from _missing_leases(req, leases)
 
     soft = policy.soft_timeout if stale is not None else None
 
@@ -349,23 +387,44 @@ def fill_flow(
 ) -> Flow:
     """Store a loaded value slowest layer first, then release the fill lock."""
     entry = make_entry(req.policy, value, req.clock(), seconds)
-    try:
-        if entry is not None:
-            yield from _store(req, entry, leases, bump=False)
-    finally:
-        if token is not None and req.lock_layer is not None:
-            yield Unlock(req.lock_layer, token)
+    released = False
+    if entry is not None:
+        _, released = yield from _store(req, entry, leases, bump=False, unlock=token)
+    if token is not None and not released and req.lock_layer is not None:
+        yield Unlock(req.lock_layer, token)
 
 
-def _store(req: ReadRequest, entry: Entry, leases: Sequence[Any], *, bump: bool) -> Flow:
-    """Set ``entry`` in every storage layer, slowest first; returns False on a refusal."""
+def _missing_leases(req: ReadRequest, leases: list[Any]) -> Flow:
+    """Take the leases not taken yet (shared layers without the fill lock)."""
+    for position in range(len(req.storage)):
+        if leases[position] is None:
+            leases[position] = yield Lease(position)
+
+
+def _store(
+    req: ReadRequest,
+    entry: Entry,
+    leases: Sequence[Any],
+    *,
+    bump: bool,
+    unlock: str | None = None,
+    conditional: bool = True,
+) -> Generator[Op, Any, tuple[bool, bool]]:
+    """Set ``entry`` in every storage layer, slowest first.
+
+    Returns (stored everywhere, fill lock released). ``conditional``: a shared
+    layer without a lease is skipped rather than written blind (its lease could
+    not be taken, so a stale fill could not be refused); ``set_flow`` writes
+    unconditionally. ``unlock`` releases the fill lock with the lock layer's set.
+    """
     stored_bytes: bytes | None = None
     encodable = True
+    released = False
     for position in range(len(req.storage) - 1, -1, -1):
         if req.stores_objects[position]:
             stored: Any = entry
         else:
-            if not encodable:
+            if not encodable or (conditional and leases[position] is None):
                 continue
             if stored_bytes is None:
                 try:
@@ -376,11 +435,14 @@ def _store(req: ReadRequest, entry: Entry, leases: Sequence[Any], *, bump: bool)
                     _count(req, position, ERROR)
                     continue
             stored = stored_bytes
-        accepted = yield Set(position, stored, entry, leases[position], bump)
+        release = unlock if unlock and req.storage[position] == req.lock_layer else None
+        accepted = yield Set(position, stored, entry, leases[position], bump, release)
+        if release is not None and accepted is not None:
+            released = True
         if accepted is False:
             req.counters[req.loader_base + LEASE_REJECTED] += 1
-            return False
-    return True
+            return False, released
+    return True, released
 
 
 def _throttle(req: ReadRequest, stale: Entry, leases: list[Any]) -> Flow:
@@ -415,11 +477,14 @@ def refresh_flow(req: ReadRequest, use_lock: bool = True, seen: float | None = N
     token: str | None = None
     if use_lock and req.lock_layer is not None and req.policy.lock:
         token = secrets.token_hex(12)
-        got = yield Lock(req.lock_layer, token, req.policy.lock_ttl)
+        got, lease = yield Lock(req.lock_layer, token, req.policy.lock_ttl)
         if got is False:
             return None  # another process is refreshing this key right now
-        if got is None:
+        if got:
+            leases[req.storage.index(req.lock_layer)] = lease
+        else:
             token = None
+    yield from _missing_leases(req, leases)
     try:
         loaded = yield Load(None, req.policy.hard_timeout)
     except Exception:
@@ -435,14 +500,13 @@ def refresh_flow(req: ReadRequest, use_lock: bool = True, seen: float | None = N
 def write_flow(req: ReadRequest) -> Flow:
     """Write-through: leases, then the writer (store first), then every layer in line."""
     leases: list[Any] = [None] * len(req.storage)
-    for position in range(len(req.storage)):
-        _, leases[position] = yield Get(position)
+    yield from _missing_leases(req, leases)
     loaded = yield Load(None, None)
     value, seconds = loaded
     entry = make_entry(req.policy, value, req.clock(), seconds)
     stored_ok = False
     if entry is not None:
-        stored_ok = yield from _store(req, entry, leases, bump=True)
+        stored_ok, _ = yield from _store(req, entry, leases, bump=True)
     if not stored_ok:
         # Overtaken by another write or invalidation (or nothing to store): drop the
         # key everywhere rather than risk leaving the older value behind.
@@ -459,7 +523,7 @@ def set_flow(req: ReadRequest, value: Any) -> Flow:
         for position in range(len(req.storage) - 1, -1, -1):
             yield Delete(position)
     else:
-        yield from _store(req, entry, [None] * len(req.storage), bump=True)
+        yield from _store(req, entry, [None] * len(req.storage), bump=True, conditional=False)
     yield Publish((req.key,), ())
 
 

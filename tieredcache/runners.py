@@ -24,6 +24,7 @@ from .flows import (
     Flow,
     Get,
     Invalidate,
+    Lease,
     Load,
     Lock,
     Pending,
@@ -133,7 +134,26 @@ def _set_call(guard: LayerGuard, req: ReadRequest, op: Set, prefix: str) -> Call
         return lambda: method(
             req.key, op.stored, entry, req.tags, op.lease, op.bump, req.alias, refresh_at
         )
+    if op.unlock is not None:
+        return lambda: method(
+            req.key, op.stored, op.entry, req.tags, op.lease, op.bump, unlock=op.unlock
+        )
     return lambda: method(req.key, op.stored, op.entry, req.tags, op.lease, op.bump)
+
+
+def _get_call(req: ReadRequest, position: int, layer: Any, prefix: str) -> Callable[[], Any]:
+    """In-process layers read with their (free) lease; shared layers with a plain get."""
+    if req.stores_objects[position]:
+        method = getattr(layer, prefix + "get_with_lease")
+        return lambda: method(req.key, req.tags)
+    get = getattr(layer, prefix + "get")
+    if prefix:
+
+        async def shared() -> Any:
+            return await get(req.key), None
+
+        return shared
+    return lambda: (get(req.key), None)
 
 
 class SyncRunner:
@@ -186,8 +206,19 @@ class SyncRunner:
                 "get",
                 req.function,
                 req.counters,
-                lambda: layer.get_with_lease(req.key, req.tags),
+                _get_call(req, op.layer, layer, ""),
                 (None, None),
+                failed=req.failed,
+            )
+        if kind is Lease:
+            guard = cache.guards[req.storage[op.layer]]
+            layer = guard.layer
+            return guard.call(
+                "lease",
+                req.function,
+                req.counters,
+                lambda: layer.lease(req.key, req.tags),
+                None,
                 failed=req.failed,
             )
         if kind is Set:
@@ -221,24 +252,22 @@ class SyncRunner:
         if kind is Lock:
             guard = cache.guards[op.layer]
             layer = guard.layer
-            px = int(op.ttl * 1000)
             return guard.call(
                 "lock",
                 req.function,
                 req.counters,
-                lambda: layer.sync_store().acquire_lock(req.key, op.token, px),
-                None,
+                lambda: layer.acquire_fill_lock(req.key, req.tags, op.token, op.ttl),
+                (None, None),
                 failed=req.failed,
             )
         if kind is Unlock:
             guard = cache.guards[op.layer]
             layer = guard.layer
-            channel = cache.fills_channel
             return guard.call(
                 "unlock",
                 req.function,
                 req.counters,
-                lambda: layer.sync_store().release_lock(req.key, op.token, channel),
+                lambda: layer.release_fill_lock(req.key, op.token),
                 None,
                 failed=req.failed,
             )
@@ -301,7 +330,7 @@ class SyncRunner:
                 "lock",
                 req.function,
                 req.counters,
-                lambda: layer.sync_store().lock_held(req.key),
+                lambda: layer.fill_lock_held(req.key),
                 False,
                 failed=req.failed,
             )
@@ -361,8 +390,19 @@ class AsyncRunner:
                 "get",
                 req.function,
                 req.counters,
-                lambda: layer.aget_with_lease(req.key, req.tags),
+                _get_call(req, op.layer, layer, "a"),
                 (None, None),
+                failed=req.failed,
+            )
+        if kind is Lease:
+            guard = cache.guards[req.storage[op.layer]]
+            layer = guard.layer
+            return await guard.acall(
+                "lease",
+                req.function,
+                req.counters,
+                lambda: layer.alease(req.key, req.tags),
+                None,
                 failed=req.failed,
             )
         if kind is Set:
@@ -396,24 +436,22 @@ class AsyncRunner:
         if kind is Lock:
             guard = cache.guards[op.layer]
             layer = guard.layer
-            px = int(op.ttl * 1000)
             return await guard.acall(
                 "lock",
                 req.function,
                 req.counters,
-                lambda: layer.async_store().acquire_lock(req.key, op.token, px),
-                None,
+                lambda: layer.aacquire_fill_lock(req.key, req.tags, op.token, op.ttl),
+                (None, None),
                 failed=req.failed,
             )
         if kind is Unlock:
             guard = cache.guards[op.layer]
             layer = guard.layer
-            channel = cache.fills_channel
             return await guard.acall(
                 "unlock",
                 req.function,
                 req.counters,
-                lambda: layer.async_store().release_lock(req.key, op.token, channel),
+                lambda: layer.arelease_fill_lock(req.key, op.token),
                 None,
                 failed=req.failed,
             )
@@ -469,7 +507,7 @@ class AsyncRunner:
                 "lock",
                 req.function,
                 req.counters,
-                lambda: layer.async_store().lock_held(req.key),
+                lambda: layer.afill_lock_held(req.key),
                 False,
                 failed=req.failed,
             )

@@ -58,6 +58,8 @@ class StorageLayer(InvalidationLayer, Protocol):
 
     def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Any | None, Any]: ...
 
+    def lease(self, key: CacheKey, tags: Sequence[Tag]) -> Any: ...
+
     def set(
         self,
         key: CacheKey,
@@ -75,6 +77,8 @@ class StorageLayer(InvalidationLayer, Protocol):
     async def aget_with_lease(
         self, key: CacheKey, tags: Sequence[Tag]
     ) -> tuple[Any | None, Any]: ...
+
+    async def alease(self, key: CacheKey, tags: Sequence[Tag]) -> Any: ...
 
     async def aset(
         self,

@@ -191,7 +191,7 @@ class MemoryLayer:
     def get_many(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
         return [self.get(key) for key in keys]
 
-    def lease(self) -> int:
+    def lease(self, key: CacheKey | None = None, tags: Sequence[Tag] = ()) -> int:
         """A fill token: fills with it are refused after a later invalidation."""
         return self._seq
 
@@ -290,6 +290,9 @@ class MemoryLayer:
 
     async def aget_many(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
         return self.get_many(keys)
+
+    async def alease(self, key: CacheKey | None = None, tags: Sequence[Tag] = ()) -> int:
+        return self._seq
 
     async def aget_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Entry | None, int]:
         return self.get_with_lease(key, tags)

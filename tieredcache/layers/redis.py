@@ -46,7 +46,9 @@ class RedisLayer:
     >>> layer = RedisLayer(cluster_nodes=[("127.0.0.1", 7000)])          # Redis Cluster
 
     ``socket_timeout`` and ``connect_timeout`` bound every command: a slow
-    Redis is a miss, not a slow request. redis-py's own retries are off; the
+    Redis is a miss, not a slow request. Up to ``max_connections`` per client
+    (one sync, one per event loop); beyond that a call waits up to
+    ``pool_timeout`` for a free connection. redis-py's own retries are off; the
     cache's circuit breaker decides when to try again. ``tenant_slots``
     spreads one tenant over that many hash slots (default 1 standalone, 16 on a
     cluster). ``lease_ttl`` is how long an invalidation is remembered to refuse
@@ -69,6 +71,7 @@ class RedisLayer:
         tenant_slots: int | None = None,
         lease_ttl: float = 600.0,
         max_connections: int = 256,
+        pool_timeout: float = 1.0,
         timer: Callable[[], float] = time.time,
     ) -> None:
         given = sum(x is not None for x in (url, cluster_nodes, client))
@@ -93,6 +96,7 @@ class RedisLayer:
         self.timer = timer
         self._timeouts = (socket_timeout, connect_timeout)
         self._max_connections = max_connections
+        self._pool_timeout = pool_timeout
         self._client = client
         self._async_client_factory = async_client_factory
         self._sync_store: RedisStore | None = None
@@ -101,30 +105,42 @@ class RedisLayer:
         self._lock = threading.Lock()
 
     # -- clients ---------------------------------------------------------------
-    def _client_kwargs(self, redis: Any) -> dict[str, Any]:
+    def _client_kwargs(self, asynchronous: bool) -> dict[str, Any]:
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
+        if asynchronous:
+            from redis.asyncio.retry import Retry
+        else:
+            from redis.retry import Retry  # type: ignore[assignment]
         socket_timeout, connect_timeout = self._timeouts
         return {
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": connect_timeout,
             "retry": Retry(NoBackoff(), 0),
-            "max_connections": self._max_connections,
         }
 
     def _build(self, asynchronous: bool) -> Any:
         redis = _import_redis()
         module = redis.asyncio if asynchronous else redis
-        kwargs = self._client_kwargs(redis)
+        kwargs = self._client_kwargs(asynchronous)
         try:
             if self.cluster_nodes is not None:
                 cluster_mod = module.cluster
                 nodes = [cluster_mod.ClusterNode(host, port) for host, port in self.cluster_nodes]
-                kwargs.pop("max_connections")
-                return cluster_mod.RedisCluster(startup_nodes=nodes, **kwargs)
-            return module.Redis.from_url(self.url, **kwargs)
-        except (redis.exceptions.RedisError, OSError) as exc:
+                return cluster_mod.RedisCluster(
+                    startup_nodes=nodes, max_connections=self._max_connections, **kwargs
+                )
+            # A blocking pool: a burst beyond max_connections waits up to pool_timeout
+            # for a connection instead of failing (a non-blocking pool raises
+            # MaxConnectionsError at once, and a lost fill is a reload later).
+            pool = module.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self._max_connections,
+                timeout=self._pool_timeout,
+                **kwargs,
+            )
+            return module.Redis.from_pool(pool)  # the client owns (and closes) the pool
+        except (redis.exceptions.RedisError, OSError, ValueError) as exc:
             raise BackendError(self.name, "connect", f"{type(exc).__name__}: {exc}") from exc
 
     def sync_store(self) -> RedisStore:
@@ -185,15 +201,36 @@ class RedisLayer:
 
     # -- StorageLayer (sync) -------------------------------------------------
     def get(self, key: CacheKey) -> bytes | None:
+        """One GET: a hit costs what a raw GET costs. The lease comes separately."""
         return self.sync_store().get(key)
 
     def get_many(self, keys: Sequence[CacheKey]) -> list[bytes | None]:
         return self.sync_store().get_many(keys)
 
-    def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[bytes | None, RedisLease]:
+    def lease(self, key: CacheKey, tags: Sequence[Tag]) -> RedisLease:
+        """The generations of ``key`` and ``tags`` now: a fill with them is refused
+        if either is invalidated before it lands."""
         taken_at = self.timer()
-        value, gens = self.sync_store().get_with_lease(key, tags)
-        return value, (gens, taken_at)
+        return self.sync_store().generations(key, tags), taken_at
+
+    def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[bytes | None, RedisLease]:
+        lease = self.lease(key, tags)
+        return self.get(key), lease
+
+    def acquire_fill_lock(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bool, RedisLease]:
+        """Take the per-key fill lock (SET NX PX) and the fill's lease in one round trip."""
+        taken_at = self.timer()
+        got, gens = self.sync_store().lock(key, tags, token, int(ttl * 1000))
+        return got, (gens, taken_at)
+
+    def release_fill_lock(self, key: CacheKey, token: str) -> bool:
+        """Compare-and-delete the fill lock and wake the processes waiting for it."""
+        return self.sync_store().release_lock(key, token)
+
+    def fill_lock_held(self, key: CacheKey) -> bool:
+        return self.sync_store().lock_held(key)
 
     def set(
         self,
@@ -203,12 +240,18 @@ class RedisLayer:
         tags: Sequence[Tag] = (),
         lease: RedisLease | None = None,
         bump: bool = False,
+        unlock: str | None = None,
     ) -> bool:
+        """Store ``value``; with a lease, only if nothing was invalidated since it.
+        ``unlock`` releases the fill lock in the same round trip."""
         if self._lease_expired(lease):
+            if unlock is not None:
+                self.release_fill_lock(key, unlock)
             return False
         gens = None if lease is None else lease[0]
         store = self.sync_store()
-        return store.set(key, value, self._px(entry), tags, gens, self._tag_set_px(entry), bump)
+        px, tag_px = self._px(entry), self._tag_set_px(entry)
+        return store.set(key, value, px, tags, gens, tag_px, bump, unlock)
 
     def delete(self, keys: Sequence[CacheKey]) -> None:
         self.sync_store().delete(keys)
@@ -228,12 +271,28 @@ class RedisLayer:
     async def aget_many(self, keys: Sequence[CacheKey]) -> list[bytes | None]:
         return await self.async_store().get_many(keys)
 
+    async def alease(self, key: CacheKey, tags: Sequence[Tag]) -> RedisLease:
+        taken_at = self.timer()
+        return await self.async_store().generations(key, tags), taken_at
+
     async def aget_with_lease(
         self, key: CacheKey, tags: Sequence[Tag]
     ) -> tuple[bytes | None, RedisLease]:
+        lease = await self.alease(key, tags)
+        return await self.aget(key), lease
+
+    async def aacquire_fill_lock(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bool, RedisLease]:
         taken_at = self.timer()
-        value, gens = await self.async_store().get_with_lease(key, tags)
-        return value, (gens, taken_at)
+        got, gens = await self.async_store().lock(key, tags, token, int(ttl * 1000))
+        return got, (gens, taken_at)
+
+    async def arelease_fill_lock(self, key: CacheKey, token: str) -> bool:
+        return await self.async_store().release_lock(key, token)
+
+    async def afill_lock_held(self, key: CacheKey) -> bool:
+        return await self.async_store().lock_held(key)
 
     async def aset(
         self,
@@ -243,13 +302,16 @@ class RedisLayer:
         tags: Sequence[Tag] = (),
         lease: RedisLease | None = None,
         bump: bool = False,
+        unlock: str | None = None,
     ) -> bool:
         if self._lease_expired(lease):
+            if unlock is not None:
+                await self.arelease_fill_lock(key, unlock)
             return False
         gens = None if lease is None else lease[0]
         store = self.async_store()
         px, tag_px = self._px(entry), self._tag_set_px(entry)
-        return await store.set(key, value, px, tags, gens, tag_px, bump)
+        return await store.set(key, value, px, tags, gens, tag_px, bump, unlock)
 
     async def adelete(self, keys: Sequence[CacheKey]) -> None:
         await self.async_store().delete(keys)

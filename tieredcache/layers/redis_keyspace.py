@@ -58,6 +58,10 @@ class RedisKeyspace:
     def lock(self, key: CacheKey) -> str:
         return f"{self.slot_of(key)}:l:{key.body}"
 
+    def fills_channel(self, namespace: str) -> str:
+        """Where a released fill lock wakes its waiters (see tieredcache.broadcast)."""
+        return f"{self.prefix}:fills:{namespace}"
+
     def tag_names_in(self, slot: str, tags: Sequence[Tag]) -> tuple[list[str], list[str]]:
         """Tag-set names and tag-generation names of ``tags`` within one slot."""
         return [f"{slot}:t:{t.name}" for t in tags], [f"{slot}:gt:{t.name}" for t in tags]

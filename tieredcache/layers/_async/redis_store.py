@@ -11,8 +11,7 @@ them run on Redis Cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
@@ -22,24 +21,31 @@ from ...keys import CacheKey, Tag
 from ..redis_keyspace import RedisKeyspace
 
 # Fill with a lease: refuse the write if the key's or a tag's generation moved
-# since the miss (an invalidation happened while the loader ran). The key's own
-# tag list (kt) lets a re-fill with other tags leave the tag sets it no longer
-# belongs to, so deleting an old tag never takes a newer value with it.
+# since the lease was taken (an invalidation happened while the loader ran). The
+# key's own tag list (kt) lets a re-fill with other tags leave the tag sets it no
+# longer belongs to, so deleting an old tag never takes a newer value with it.
 # A write (bump=1) also bumps the key generation, so fills that started before it
-# are refused afterwards.
-# KEYS: value, key-gen, key-tags, tag-set x n, tag-gen x n
+# are refused afterwards. With an unlock token, the fill lock is released in the
+# same round trip (whether or not the fill was accepted) and waiters are woken.
+# KEYS: value, key-gen, key-tags, lock, tag-set x n, tag-gen x n
 # ARGV: payload, px, n, check(0/1), tag-set px, bump(0/1), gen px,
-#       expected key-gen, expected tag-gen x n
+#       unlock token ('' = none), channel, message, expected key-gen, expected tag-gen x n
 FILL_LUA = """
 local n = tonumber(ARGV[3])
+local function release()
+  if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) == ARGV[8] then
+    redis.call('DEL', KEYS[4])
+    redis.call('PUBLISH', ARGV[9], ARGV[10])
+  end
+end
 if ARGV[4] == '1' then
-  if (redis.call('GET', KEYS[2]) or '') ~= ARGV[8] then return 0 end
+  if (redis.call('GET', KEYS[2]) or '') ~= ARGV[11] then release() return 0 end
   for i = 1, n do
-    if (redis.call('GET', KEYS[3 + n + i]) or '') ~= ARGV[8 + i] then return 0 end
+    if (redis.call('GET', KEYS[4 + n + i]) or '') ~= ARGV[11 + i] then release() return 0 end
   end
 end
 local wanted = {}
-for i = 1, n do wanted[KEYS[3 + i]] = true end
+for i = 1, n do wanted[KEYS[4 + i]] = true end
 for _, old in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   if not wanted[old] then redis.call('SREM', old, KEYS[1]) end
 end
@@ -51,12 +57,21 @@ if ARGV[6] == '1' then
 end
 local tag_px = tonumber(ARGV[5])
 for i = 1, n do
-  redis.call('SADD', KEYS[3 + i], KEYS[1])
-  if redis.call('PTTL', KEYS[3 + i]) < tag_px then redis.call('PEXPIRE', KEYS[3 + i], tag_px) end
-  redis.call('SADD', KEYS[3], KEYS[3 + i])
+  redis.call('SADD', KEYS[4 + i], KEYS[1])
+  if redis.call('PTTL', KEYS[4 + i]) < tag_px then redis.call('PEXPIRE', KEYS[4 + i], tag_px) end
+  redis.call('SADD', KEYS[3], KEYS[4 + i])
 end
 if n > 0 then redis.call('PEXPIRE', KEYS[3], tag_px) end
+release()
 return 1
+"""
+
+# Take the fill lock and, in the same round trip, the generations that make up the
+# lease of the fill that follows. KEYS: lock, key-gen, tag-gen x n   ARGV: token, px
+LOCK_LUA = """
+local out = {redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
+for i = 2, #KEYS do out[i] = redis.call('GET', KEYS[i]) or false end
+return out
 """
 
 # Invalidate keys of one slot: drop values and their tag memberships, bump generations.
@@ -113,16 +128,14 @@ return 0
 """
 
 
-@contextmanager
-def translate_errors(layer: str, operation: str) -> Iterator[None]:
-    try:
-        yield
-    except redis.exceptions.TimeoutError as exc:
-        raise BackendTimeoutError(layer, operation, str(exc) or "timed out") from exc
-    except redis.exceptions.RedisError as exc:
-        raise BackendError(layer, operation, f"{type(exc).__name__}: {exc}") from exc
-    except OSError as exc:
-        raise BackendError(layer, operation, f"{type(exc).__name__}: {exc}") from exc
+def translate(layer: str, operation: str, exc: BaseException) -> BackendError:
+    """The BackendError for a redis-py or socket error (raised ``from exc`` by callers)."""
+    if isinstance(exc, redis.exceptions.TimeoutError):
+        return BackendTimeoutError(layer, operation, str(exc) or "timed out")
+    return BackendError(layer, operation, f"{type(exc).__name__}: {exc}")
+
+
+ERRORS = (redis.exceptions.RedisError, OSError)
 
 
 class AsyncRedisStore:
@@ -137,37 +150,56 @@ class AsyncRedisStore:
         self.layer = layer
         self.gen_px = gen_px
         self._fill = client.register_script(FILL_LUA)
+        self._lock = client.register_script(LOCK_LUA)
         self._delete_keys = client.register_script(DELETE_KEYS_LUA)
         self._delete_tags = client.register_script(DELETE_TAGS_LUA)
         self._release = client.register_script(RELEASE_LUA)
 
     async def get(self, key: CacheKey) -> bytes | None:
-        with translate_errors(self.layer, "get"):
+        """A plain GET: a hit costs what a raw GET costs."""
+        try:
             value: bytes | None = await self.client.get(self.keyspace.value(key))
+        except ERRORS as exc:
+            raise translate(self.layer, "get", exc) from exc
         return value
 
     async def get_many(self, keys: Sequence[CacheKey]) -> list[bytes | None]:
         if not keys:
             return []
         names = [self.keyspace.value(key) for key in keys]
-        with translate_errors(self.layer, "get_many"):
+        try:
             if self.cluster:
                 # Groups names by slot: one MGET per slot, pipelined per node.
                 values: list[bytes | None] = await self.client.mget_nonatomic(names)
             else:
                 values = await self.client.mget(names)
+        except ERRORS as exc:
+            raise translate(self.layer, "get_many", exc) from exc
         return values
 
-    async def get_with_lease(
-        self, key: CacheKey, tags: Sequence[Tag]
-    ) -> tuple[bytes | None, tuple[bytes | None, ...]]:
-        """The value and the generations guarding its fill: one MGET, one slot."""
+    async def generations(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[bytes | None, ...]:
+        """The generations guarding a fill of ``key`` (its own and its tags'): one MGET."""
         slot = self.keyspace.slot_of(key)
         _, tag_gens = self.keyspace.tag_names_in(slot, tags)
-        names = [f"{slot}:v:{key.body}", f"{slot}:gk:{key.body}", *tag_gens]
-        with translate_errors(self.layer, "get"):
-            values = await self.client.mget(names)
-        return values[0], tuple(values[1:])
+        try:
+            values = await self.client.mget([f"{slot}:gk:{key.body}", *tag_gens])
+        except ERRORS as exc:
+            raise translate(self.layer, "lease", exc) from exc
+        return tuple(values)
+
+    async def lock(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, px: int
+    ) -> tuple[bool, tuple[bytes | None, ...]]:
+        """Try the fill lock; returns whether it was taken and the fill's generations."""
+        slot = self.keyspace.slot_of(key)
+        _, tag_gens = self.keyspace.tag_names_in(slot, tags)
+        names = [f"{slot}:l:{key.body}", f"{slot}:gk:{key.body}", *tag_gens]
+        try:
+            result = await self._lock(keys=names, args=[token, px])
+        except ERRORS as exc:
+            raise translate(self.layer, "lock", exc) from exc
+        gens = tuple(result[1:]) + (None,) * (len(names) - len(result))
+        return bool(result[0]), gens
 
     async def set(
         self,
@@ -178,22 +210,30 @@ class AsyncRedisStore:
         lease: Sequence[bytes | None] | None,
         tag_set_px: int,
         bump: bool = False,
+        unlock: str | None = None,
     ) -> bool:
         slot = self.keyspace.slot_of(key)
         tag_sets, tag_gens = self.keyspace.tag_names_in(slot, tags)
         check = 0 if lease is None else 1
-        args: list[Any] = [payload, px, len(tags), check, tag_set_px, int(bump), self.gen_px]
+        channel = self.keyspace.fills_channel(key.namespace)
+        args: list[Any] = [
+            payload, px, len(tags), check, tag_set_px, int(bump), self.gen_px,
+            unlock or "", channel, key.full,
+        ]  # fmt: skip
         if lease is not None:
             args.extend(b"" if g is None else g for g in lease)
         names = [
             f"{slot}:v:{key.body}",
             f"{slot}:gk:{key.body}",
             f"{slot}:kt:{key.body}",
+            f"{slot}:l:{key.body}",
             *tag_sets,
             *tag_gens,
         ]
-        with translate_errors(self.layer, "set"):
+        try:
             result = await self._fill(keys=names, args=args)
+        except ERRORS as exc:
+            raise translate(self.layer, "set", exc) from exc
         return bool(result)
 
     async def _per_slot(
@@ -202,7 +242,7 @@ class AsyncRedisStore:
         """Run ``script`` once per slot group (its name lists concatenated), pipelined
         on standalone Redis; on a cluster each group goes to its own node."""
         total = 0
-        with translate_errors(self.layer, operation):
+        try:
             if self.cluster:
                 for group in groups:
                     keys = [name for names in group for name in names]
@@ -216,6 +256,8 @@ class AsyncRedisStore:
                     await script(keys=keys, args=[len(group[0]), self.gen_px], client=pipe)
                 for result in await pipe.execute():
                     total += int(result)
+        except ERRORS as exc:
+            raise translate(self.layer, operation, exc) from exc
         return total
 
     async def delete(self, keys: Sequence[CacheKey]) -> int:
@@ -229,28 +271,33 @@ class AsyncRedisStore:
         groups = self.keyspace.tag_groups(tags)
         return await self._per_slot("delete_tags", self._delete_tags, groups)
 
-    async def acquire_lock(self, key: CacheKey, token: str, px: int) -> bool:
-        with translate_errors(self.layer, "lock"):
-            return bool(await self.client.set(self.keyspace.lock(key), token, nx=True, px=px))
-
-    async def release_lock(self, key: CacheKey, token: str, channel: str) -> bool:
-        with translate_errors(self.layer, "unlock"):
+    async def release_lock(self, key: CacheKey, token: str) -> bool:
+        channel = self.keyspace.fills_channel(key.namespace)
+        try:
             released = await self._release(
                 keys=[self.keyspace.lock(key)], args=[token, channel, key.full]
             )
+        except ERRORS as exc:
+            raise translate(self.layer, "unlock", exc) from exc
         return bool(released)
 
     async def lock_held(self, key: CacheKey) -> bool:
-        with translate_errors(self.layer, "lock"):
+        try:
             return bool(await self.client.exists(self.keyspace.lock(key)))
+        except ERRORS as exc:
+            raise translate(self.layer, "lock", exc) from exc
 
     async def publish(self, channel: str, message: bytes) -> None:
-        with translate_errors(self.layer, "publish"):
+        try:
             await self.client.publish(channel, message)
+        except ERRORS as exc:
+            raise translate(self.layer, "publish", exc) from exc
 
     async def ping(self) -> bool:
-        with translate_errors(self.layer, "ping"):
+        try:
             return bool(await self.client.ping())
+        except ERRORS as exc:
+            raise translate(self.layer, "ping", exc) from exc
 
     async def close(self) -> None:
         await self.client.aclose()
