@@ -249,7 +249,7 @@ class CachedImpl:
         if self.key_fn is not None:
             body = self.key_fn(*args, **kwargs)
         else:
-            body = self.builder.body(self.builder.bind(args, kwargs))
+            body = self.builder.body_for(args, kwargs)
         return CacheKey(self.cache.namespace, tenant, body)
 
     def tags(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tag, ...]:

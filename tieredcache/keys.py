@@ -148,7 +148,15 @@ class FunctionKeyBuilder:
     are left out by default when they come first).
     """
 
-    __slots__ = ("_ignore", "_prefix", "_signature", "function_name", "tenant_param")
+    __slots__ = (
+        "_ignore",
+        "_ignored_positions",
+        "_positional_count",
+        "_prefix",
+        "_signature",
+        "function_name",
+        "tenant_param",
+    )
 
     def __init__(
         self,
@@ -183,6 +191,12 @@ class FunctionKeyBuilder:
             )
         self._ignore = frozenset(ignored)
         self.tenant_param = tenant_param
+        # When every parameter is plain positional and all of them are passed
+        # positionally, binding (and applying defaults) changes nothing: skip it.
+        kinds = [p.kind for p in self._signature.parameters.values()]
+        plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._positional_count = len(kinds) if all(k in plain for k in kinds) else -1
+        self._ignored_positions = frozenset(i for i, p in enumerate(params) if p in ignored)
         body_prefix = f"{name}:v{version}"
         if len(body_prefix) > 160:
             body_prefix = hashlib.blake2b(body_prefix.encode(), digest_size=12).hexdigest()
@@ -202,6 +216,13 @@ class FunctionKeyBuilder:
         value = bound.arguments[self.tenant_param]
         return None if value is None else validate_tenant(value)
 
+    def body_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        """The key body for a call's arguments (see :meth:`body`)."""
+        if not kwargs and len(args) == self._positional_count:
+            skip = self._ignored_positions
+            return self._encode([a for i, a in enumerate(args) if i not in skip] if skip else args)
+        return self.body(self.bind(args, kwargs))
+
     def body(self, bound: inspect.BoundArguments) -> str:
         """The key body ``name:vVERSION:ARGS`` for bound arguments."""
         values: list[Any] = []
@@ -213,11 +234,14 @@ class FunctionKeyBuilder:
                 values.append(dict(sorted(value.items())))
             else:
                 values.append(value)
+        return self._encode(values)
+
+    def _encode(self, values: Sequence[Any]) -> str:
         readable = _readable(values)
         if readable is not None:
             return f"{self._prefix}:{readable}"
         try:
-            encoded = _encoder.encode(values)
+            encoded = _encoder.encode(list(values))
         except TypeError as exc:
             raise InvalidKeyError(
                 f"cannot build a key for {self.function_name}: {exc}; pass key=... to "

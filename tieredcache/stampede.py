@@ -23,7 +23,7 @@ class _Call:
     __slots__ = ("error", "event", "result")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.event: threading.Event | None = None  # made only when a second caller waits
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -41,8 +41,12 @@ class SingleFlight:
             leader = call is None
             if call is None:
                 call = self._calls[key] = _Call()
+            elif call.event is None:
+                call.event = threading.Event()
+            event = call.event
         if not leader:
-            call.event.wait()
+            assert event is not None
+            event.wait()
             if call.error is not None:
                 raise call.error
             result: T = call.result
@@ -56,7 +60,9 @@ class SingleFlight:
         finally:
             with self._lock:
                 del self._calls[key]
-            call.event.set()
+                event = call.event
+            if event is not None:
+                event.set()
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -65,13 +71,14 @@ class SingleFlight:
 class AsyncSingleFlight:
     """asyncio single-flight, per event loop.
 
-    The leader's work runs in its own task, so cancelling one caller (the
-    leader included) does not cancel the load the others wait for.
+    The first caller runs ``fn`` itself (no task, no extra loop turns); the others
+    await a future it resolves. If that first caller is cancelled, its waiters
+    are not: the first of them to notice runs ``fn`` again in its place.
     """
 
     def __init__(self) -> None:
         self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, asyncio.Task[Any]]
+            asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]
         ] = weakref.WeakKeyDictionary()
 
     async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -79,23 +86,40 @@ class AsyncSingleFlight:
         calls = self._per_loop.get(loop)
         if calls is None:
             calls = self._per_loop.setdefault(loop, {})
-        task = calls.get(key)
-        if task is None:
+        while True:
+            future = calls.get(key)
+            if future is None:
+                return await self._lead(calls, key, fn, loop)
+            try:
+                result: T = await asyncio.shield(future)
+                return result
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if future.cancelled() and (task is None or not task.cancelling()):
+                    continue  # the leader was cancelled, not us: take over
+                raise
 
-            async def lead() -> T:
-                return await fn()
-
-            task = loop.create_task(lead())
-            calls[key] = task
-
-            def done(
-                finished: asyncio.Task[Any], calls: dict[str, asyncio.Task[Any]] = calls
-            ) -> None:
-                if calls.get(key) is finished:
-                    del calls[key]
-                if not finished.cancelled():
-                    finished.exception()  # retrieved: every caller re-raises it
-
-            task.add_done_callback(done)
-        result: T = await asyncio.shield(task)
-        return result
+    async def _lead(
+        self,
+        calls: dict[str, asyncio.Future[Any]],
+        key: str,
+        fn: Callable[[], Awaitable[T]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> T:
+        future: asyncio.Future[Any] = loop.create_future()
+        calls[key] = future
+        try:
+            result = await fn()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: every waiter re-raises it
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            if calls.get(key) is future:
+                del calls[key]
