@@ -134,6 +134,12 @@ class TieredCache:
         self.memory: MemoryLayer | None = first if isinstance(first, MemoryLayer) else None
         redis_layers = [i for i in self.storage if isinstance(self.layers[i], RedisLayer)]
         self.lock_layer: int | None = redis_layers[0] if redis_layers else None
+        # The shape of the shared-hit shortcut (see CachedImpl.shared_hit): exactly one
+        # shared storage layer, last, optionally behind the in-process layer.
+        shared = [p for p, objects in enumerate(self.stores_objects) if not objects]
+        self.fast_shared: int | None = None
+        if shared == [len(self.storage) - 1] and (len(self.storage) == 1 or self.memory):
+            self.fast_shared = shared[0]
         redis_layer = self.layers[redis_layers[0]] if redis_layers else None
         self._redis: RedisLayer | None = (
             redis_layer if isinstance(redis_layer, RedisLayer) else None

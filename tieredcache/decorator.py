@@ -19,10 +19,18 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
-from .errors import ConfigurationError, TenantRequiredError
-from .flows import ReadRequest, read_flow, refresh_flow, set_flow, write_flow, xfetch_due
+from .errors import ConfigurationError, DecodeError, TenantRequiredError
+from .flows import (
+    MISSING,
+    ReadRequest,
+    read_flow,
+    refresh_flow,
+    set_flow,
+    write_flow,
+    xfetch_due,
+)
 from .keys import CacheKey, FunctionKeyBuilder, Tag, make_tags
-from .metrics import FIELDS, HIT
+from .metrics import FIELDS, HIT, MISS, SET
 from .tenancy import get_tenant_var, tenant_scope, validate_tenant
 
 if TYPE_CHECKING:
@@ -36,6 +44,7 @@ Q = ParamSpec("Q")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 _tenant_var = get_tenant_var()
+_FAILED: Any = object()
 
 
 class CachedFunction(Protocol[P, R_co]):
@@ -301,8 +310,71 @@ class CachedImpl:
         cache = self.cache
         req = self.request(tenant, alias, args, kwargs)
         cache.notifier()
+        position = cache.fast_shared
+        if position is not None and not cache.singleflight.in_flight(req.key.full):
+            in_memory = None if position == 0 else cache.memory.get_with_lease(req.key, req.tags)  # type: ignore[union-attr]
+            if in_memory is None or in_memory[0] is None:
+                guard = cache.guards[req.storage[position]]
+                layer = guard.layer
+                stored = guard.call(
+                    "get",
+                    self.name,
+                    req.counters,
+                    lambda: layer.get(req.key),
+                    _FAILED,
+                    failed=req.failed,
+                )
+                found = self.shared_hit(req, position, in_memory, stored, False)
+                if found is not MISSING:
+                    return found
         runner = cache.sync_runner
         return cache.singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
+
+    def shared_hit(
+        self, req: ReadRequest, position: int, in_memory: Any, stored: Any, asynchronous: bool
+    ) -> Any:
+        """The shared-layer hit without the flow machinery: the second-hottest path.
+
+        Only a fresh, decodable entry is handled here (the in-process layer, if
+        any, was empty and its lease taken before the shared read); anything
+        else hands what was read to the flow, which does not read it again.
+        """
+        cache = self.cache
+        if stored is _FAILED:
+            return MISSING
+        prefetched: dict[int, Any] = {position: (stored, None)}
+        if in_memory is not None:
+            prefetched[0] = in_memory
+        if stored is not None:
+            try:
+                entry = cache.codec.decode(req.key.full, stored, self.decode)
+            except DecodeError:
+                del prefetched[position]  # the flow reads it again, counts it and drops it
+                entry = None
+            now = cache.clock()
+            if entry is not None and entry.fresh_until > now:
+                counters = req.counters
+                counters[cache.storage[position] * FIELDS + HIT] += 1
+                if in_memory is not None and cache.memory is not None:
+                    counters[cache.storage[0] * FIELDS + MISS] += 1
+                    band = entry.compute_time * self.policy.early_refresh_beta * 10
+                    if cache.memory.set(
+                        req.key,
+                        entry,
+                        entry,
+                        req.tags,
+                        in_memory[1],
+                        False,
+                        req.alias,
+                        entry.fresh_until - band,
+                    ):
+                        counters[cache.storage[0] * FIELDS + SET] += 1
+                if xfetch_due(entry, now, self.policy.early_refresh_beta):
+                    spawn = cache.spawn_arefresh if asynchronous else cache.spawn_refresh
+                    spawn(req, entry.created_at)
+                return entry.value
+        req.prefetched = prefetched
+        return MISSING
 
     def invalidate(self, *args: Any, **kwargs: Any) -> InvalidationResult:
         """Drop the entry for these arguments from every layer and replica."""
@@ -385,6 +457,23 @@ class CachedImpl:
         cache = self.cache
         req = self.request(tenant, alias, args, kwargs)
         cache.notifier()
+        position = cache.fast_shared
+        if position is not None and not cache.async_singleflight.in_flight(req.key.full):
+            in_memory = None if position == 0 else cache.memory.get_with_lease(req.key, req.tags)  # type: ignore[union-attr]
+            if in_memory is None or in_memory[0] is None:
+                guard = cache.guards[req.storage[position]]
+                layer = guard.layer
+                stored = await guard.acall(
+                    "get",
+                    self.name,
+                    req.counters,
+                    lambda: layer.aget(req.key),
+                    _FAILED,
+                    failed=req.failed,
+                )
+                found = self.shared_hit(req, position, in_memory, stored, True)
+                if found is not MISSING:
+                    return found
         runner = cache.async_runner
         return await cache.async_singleflight.do(
             req.key.full, lambda: runner.run(read_flow(req), req)

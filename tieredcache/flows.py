@@ -210,6 +210,8 @@ class ReadRequest:
     loader_base: int
     # Layers that failed during this request: skipped for the rest of it.
     failed: set[int] = field(default_factory=set)
+    # Reads done before the flow started (the shared-hit shortcut): position -> Get result.
+    prefetched: dict[int, Any] | None = None
 
 
 def _decode(req: ReadRequest, position: int, stored: Any) -> Entry | None:

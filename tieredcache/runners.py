@@ -200,6 +200,8 @@ class SyncRunner:
         if kind is Publish:
             return cache.publish_invalidation(op.keys, op.tags)
         if kind is Get:
+            if req.prefetched and op.layer in req.prefetched:
+                return req.prefetched.pop(op.layer)
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
             return guard.call(
@@ -384,6 +386,8 @@ class AsyncRunner:
         if kind is Publish:
             return await cache.apublish_invalidation(op.keys, op.tags)
         if kind is Get:
+            if req.prefetched and op.layer in req.prefetched:
+                return req.prefetched.pop(op.layer)
             guard = cache.guards[req.storage[op.layer]]
             layer = guard.layer
             return await guard.acall(

@@ -67,6 +67,9 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._calls)
 
+    def in_flight(self, key: str) -> bool:
+        return key in self._calls
+
 
 class AsyncSingleFlight:
     """asyncio single-flight, per event loop.
@@ -80,6 +83,10 @@ class AsyncSingleFlight:
         self._per_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]
         ] = weakref.WeakKeyDictionary()
+
+    def in_flight(self, key: str) -> bool:
+        calls = self._per_loop.get(asyncio.get_running_loop())
+        return calls is not None and key in calls
 
     async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
