@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .breaker import CircuitBreaker
-from .broadcast import Notifier, fills_channel
+from .broadcast import Notifier
 from .errors import BackendError, ConfigurationError, TenantRequiredError
 from .flows import (
     BROADCAST,
@@ -144,8 +144,6 @@ class TieredCache:
         self._redis: RedisLayer | None = (
             redis_layer if isinstance(redis_layer, RedisLayer) else None
         )
-        prefix = self._redis.keyspace.prefix if self._redis else "tc"
-        self.fills_channel = fills_channel(prefix, self.namespace)
         self._broadcast = broadcast and self._redis is not None
         self._notifier: Notifier | None = None
         self._subscribed_late = True

@@ -21,6 +21,7 @@ import re
 import zlib
 from collections.abc import Sequence
 
+from ..broadcast import fills_channel
 from ..errors import ConfigurationError
 from ..keys import CacheKey, Tag
 
@@ -60,7 +61,7 @@ class RedisKeyspace:
 
     def fills_channel(self, namespace: str) -> str:
         """Where a released fill lock wakes its waiters (see tieredcache.broadcast)."""
-        return f"{self.prefix}:fills:{namespace}"
+        return fills_channel(self.prefix, namespace)
 
     def tag_names_in(self, slot: str, tags: Sequence[Tag]) -> tuple[list[str], list[str]]:
         """Tag-set names and tag-generation names of ``tags`` within one slot."""
