@@ -1,0 +1,79 @@
+"""What one call costs in Redis commands: the budget the design promises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
+
+
+class CommandCounter:
+    """Counts the commands a redis-py client sends (a pipeline counts once)."""
+
+    def __init__(self, client: Any) -> None:
+        self.names: list[str] = []
+        original = client.execute_command
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.names.append(str(args[0]).upper())
+            return original(*args, **kwargs)
+
+        client.execute_command = counting
+
+    def take(self) -> list[str]:
+        names, self.names = self.names, []
+        return names
+
+
+@pytest.fixture
+def counted(redis_url: str) -> Iterator[tuple[TieredCache, CommandCounter]]:
+    layer = RedisLayer(url=redis_url)
+    cache = TieredCache("rt", [MemoryLayer(), layer], broadcast=False)
+    counter = CommandCounter(layer.sync_store().client)
+    yield cache, counter
+    cache.close()
+
+
+def test_a_miss_costs_three_round_trips_and_a_shared_hit_one_get(
+    counted: tuple[TieredCache, CommandCounter],
+) -> None:
+    cache, counter = counted
+
+    @cache.cached(ttl=60, tags=lambda item: [f"item:{item}"])
+    def load(item: int) -> int:
+        return item
+
+    with tenant_scope("acme"):
+        load(0)  # scripts loaded once
+        counter.take()
+        assert load(1) == 1
+        # GET (miss), the fill lock with its lease, the fill that releases the lock
+        assert counter.take() == ["GET", "EVALSHA", "EVALSHA"]
+        assert load(1) == 1
+        assert counter.take() == []  # in-process hit
+        assert cache.memory is not None
+        cache.memory.clear()
+        assert load(1) == 1
+        assert counter.take() == ["GET"]  # shared hit: one plain GET, then back-filled
+        assert load(1) == 1
+        assert counter.take() == []
+
+
+def test_without_the_fill_lock_a_miss_takes_its_lease_with_one_mget(redis_url: str) -> None:
+    layer = RedisLayer(url=redis_url)
+    cache = TieredCache("rt", [layer], broadcast=False)
+    counter = CommandCounter(layer.sync_store().client)
+
+    @cache.cached(ttl=60, lock=False)
+    def load(item: int) -> int:
+        return item
+
+    with tenant_scope("acme"):
+        load(0)
+        counter.take()
+        assert load(1) == 1
+        assert counter.take() == ["GET", "MGET", "EVALSHA"]
+    cache.close()
