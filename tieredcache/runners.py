@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .breaker import CircuitBreaker
 from .errors import BackendError, LoaderTimeoutError
 from .flows import (
+    MISSING,
     SOFT_TIMEOUT,
     Delete,
     Flow,
@@ -156,6 +157,59 @@ def _get_call(req: ReadRequest, position: int, layer: Any, prefix: str) -> Calla
     return lambda: (get(req.key), None)
 
 
+LayerCall = tuple[LayerGuard, str, Callable[[], Any], Any]
+
+
+def layer_call(cache: TieredCache, op: Any, req: ReadRequest, prefix: str) -> LayerCall | None:
+    """For an operation on one layer: (guard, operation name, call, result if it fails).
+
+    ``prefix`` is "" for the sync methods and "a" for their async twins; the
+    runners differ only in whether they await the call.
+    """
+    kind = type(op)
+    if kind is Get:
+        guard = cache.guards[req.storage[op.layer]]
+        return guard, "get", _get_call(req, op.layer, guard.layer, prefix), (None, None)
+    if kind is Lease:
+        guard = cache.guards[req.storage[op.layer]]
+        lease = getattr(guard.layer, prefix + "lease")
+        return guard, "lease", lambda: lease(req.key, req.tags), None
+    if kind is Set:
+        guard = cache.guards[req.storage[op.layer]]
+        return guard, "set", _set_call(guard, req, op, prefix), None
+    if kind is Delete:
+        guard = cache.guards[req.storage[op.layer]]
+        delete = getattr(guard.layer, prefix + "delete")
+        return guard, "delete", lambda: delete([req.key]), None
+    if kind is Lock:
+        guard = cache.guards[op.layer]
+        acquire = getattr(guard.layer, prefix + "acquire_fill_lock")
+        return guard, "lock", lambda: acquire(req.key, req.tags, op.token, op.ttl), (None, None)
+    if kind is Unlock:
+        guard = cache.guards[op.layer]
+        release = getattr(guard.layer, prefix + "release_fill_lock")
+        return guard, "unlock", lambda: release(req.key, op.token), None
+    return None
+
+
+def settle(op: Any, req: ReadRequest, guard: LayerGuard, result: Any) -> Any:
+    """Count what a layer call did; the flow gets ``result``."""
+    kind = type(op)
+    if kind is Set and result:
+        req.counters[guard.index * FIELDS + SET] += 1
+    elif kind is Delete:
+        req.counters[guard.index * FIELDS + INVALIDATION] += 1
+        return None
+    return result
+
+
+def prefetched(op: Any, req: ReadRequest) -> Any:
+    """A read the shared-hit shortcut already made for this flow, or MISSING."""
+    if type(op) is Get and req.prefetched and op.layer in req.prefetched:
+        return req.prefetched.pop(op.layer)
+    return MISSING
+
+
 class SyncRunner:
     """Runs flows with blocking I/O."""
 
@@ -194,85 +248,17 @@ class SyncRunner:
 
     def dispatch(self, op: Any, req: ReadRequest) -> Any:
         cache = self.cache
+        call = layer_call(cache, op, req, "")
+        if call is not None:
+            done = prefetched(op, req)
+            if done is not MISSING:
+                return done
+            guard, name, fn, default = call
+            result = guard.call(name, req.function, req.counters, fn, default, req.failed)
+            return settle(op, req, guard, result)
         kind = type(op)
-        if kind is Invalidate:
-            return self._invalidate(op)
-        if kind is Publish:
-            return cache.publish_invalidation(op.keys, op.tags)
-        if kind is Get:
-            if req.prefetched and op.layer in req.prefetched:
-                return req.prefetched.pop(op.layer)
-            guard = cache.guards[req.storage[op.layer]]
-            layer = guard.layer
-            return guard.call(
-                "get",
-                req.function,
-                req.counters,
-                _get_call(req, op.layer, layer, ""),
-                (None, None),
-                failed=req.failed,
-            )
-        if kind is Lease:
-            guard = cache.guards[req.storage[op.layer]]
-            layer = guard.layer
-            return guard.call(
-                "lease",
-                req.function,
-                req.counters,
-                lambda: layer.lease(req.key, req.tags),
-                None,
-                failed=req.failed,
-            )
-        if kind is Set:
-            guard = cache.guards[req.storage[op.layer]]
-            accepted = guard.call(
-                "set",
-                req.function,
-                req.counters,
-                _set_call(guard, req, op, ""),
-                None,
-                failed=req.failed,
-            )
-            if accepted:
-                req.counters[guard.index * FIELDS + SET] += 1
-            return accepted
         if kind is Load:
             return self._load(op, req)
-        if kind is Delete:
-            guard = cache.guards[req.storage[op.layer]]
-            layer = guard.layer
-            guard.call(
-                "delete",
-                req.function,
-                req.counters,
-                lambda: layer.delete([req.key]),
-                None,
-                failed=req.failed,
-            )
-            req.counters[guard.index * FIELDS + INVALIDATION] += 1
-            return None
-        if kind is Lock:
-            guard = cache.guards[op.layer]
-            layer = guard.layer
-            return guard.call(
-                "lock",
-                req.function,
-                req.counters,
-                lambda: layer.acquire_fill_lock(req.key, req.tags, op.token, op.ttl),
-                (None, None),
-                failed=req.failed,
-            )
-        if kind is Unlock:
-            guard = cache.guards[op.layer]
-            layer = guard.layer
-            return guard.call(
-                "unlock",
-                req.function,
-                req.counters,
-                lambda: layer.release_fill_lock(req.key, op.token),
-                None,
-                failed=req.failed,
-            )
         if kind is WaitFill:
             return self._wait_fill(op, req)
         if kind is Refresh:
@@ -280,6 +266,10 @@ class SyncRunner:
             return None
         if kind is Pending:
             return req.key.full in cache.pending
+        if kind is Invalidate:
+            return self._invalidate(op)
+        if kind is Publish:
+            return cache.publish_invalidation(op.keys, op.tags)
         raise TypeError(f"unknown operation {op!r}")
 
     def _load(self, op: Load, req: ReadRequest) -> Any:
@@ -380,85 +370,17 @@ class AsyncRunner:
 
     async def dispatch(self, op: Any, req: ReadRequest) -> Any:
         cache = self.cache
+        call = layer_call(cache, op, req, "a")
+        if call is not None:
+            done = prefetched(op, req)
+            if done is not MISSING:
+                return done
+            guard, name, fn, default = call
+            result = await guard.acall(name, req.function, req.counters, fn, default, req.failed)
+            return settle(op, req, guard, result)
         kind = type(op)
-        if kind is Invalidate:
-            return await self._invalidate(op)
-        if kind is Publish:
-            return await cache.apublish_invalidation(op.keys, op.tags)
-        if kind is Get:
-            if req.prefetched and op.layer in req.prefetched:
-                return req.prefetched.pop(op.layer)
-            guard = cache.guards[req.storage[op.layer]]
-            layer = guard.layer
-            return await guard.acall(
-                "get",
-                req.function,
-                req.counters,
-                _get_call(req, op.layer, layer, "a"),
-                (None, None),
-                failed=req.failed,
-            )
-        if kind is Lease:
-            guard = cache.guards[req.storage[op.layer]]
-            layer = guard.layer
-            return await guard.acall(
-                "lease",
-                req.function,
-                req.counters,
-                lambda: layer.alease(req.key, req.tags),
-                None,
-                failed=req.failed,
-            )
-        if kind is Set:
-            guard = cache.guards[req.storage[op.layer]]
-            accepted = await guard.acall(
-                "set",
-                req.function,
-                req.counters,
-                _set_call(guard, req, op, "a"),
-                None,
-                failed=req.failed,
-            )
-            if accepted:
-                req.counters[guard.index * FIELDS + SET] += 1
-            return accepted
         if kind is Load:
             return await self._load(op, req)
-        if kind is Delete:
-            guard = cache.guards[req.storage[op.layer]]
-            layer = guard.layer
-            await guard.acall(
-                "delete",
-                req.function,
-                req.counters,
-                lambda: layer.adelete([req.key]),
-                None,
-                failed=req.failed,
-            )
-            req.counters[guard.index * FIELDS + INVALIDATION] += 1
-            return None
-        if kind is Lock:
-            guard = cache.guards[op.layer]
-            layer = guard.layer
-            return await guard.acall(
-                "lock",
-                req.function,
-                req.counters,
-                lambda: layer.aacquire_fill_lock(req.key, req.tags, op.token, op.ttl),
-                (None, None),
-                failed=req.failed,
-            )
-        if kind is Unlock:
-            guard = cache.guards[op.layer]
-            layer = guard.layer
-            return await guard.acall(
-                "unlock",
-                req.function,
-                req.counters,
-                lambda: layer.arelease_fill_lock(req.key, op.token),
-                None,
-                failed=req.failed,
-            )
         if kind is WaitFill:
             return await self._wait_fill(op, req)
         if kind is Refresh:
@@ -466,6 +388,10 @@ class AsyncRunner:
             return None
         if kind is Pending:
             return req.key.full in cache.pending
+        if kind is Invalidate:
+            return await self._invalidate(op)
+        if kind is Publish:
+            return await cache.apublish_invalidation(op.keys, op.tags)
         raise TypeError(f"unknown operation {op!r}")
 
     async def _load(self, op: Load, req: ReadRequest) -> Any:
