@@ -147,3 +147,24 @@ def test_an_invalidation_between_reading_l2_and_backfilling_l1_wins(redis_url: s
         decoded = cache.codec.decode(key.full, stored, lambda b: b)
         assert memory.set(key, None, decoded, (), lease=token) is False
     cache.close()
+
+
+@pytest.mark.redis
+def test_an_expired_generation_never_restarts_at_a_value_a_lease_holds(redis_url: str) -> None:
+    """A lease taken just before its key's generation expired is still refused after
+    the next invalidation (INCR from nothing would have restarted the generation at 1)."""
+    from tieredcache import CacheKey
+    from tieredcache.entry import Entry
+
+    layer = RedisLayer(url=redis_url, lease_ttl=1.0)
+    key = CacheKey("lease", "acme", "row:1")
+    layer.delete([key])  # generation set, expiring in 1 s
+    time.sleep(0.6)
+    lease = layer.lease(key, ())
+    time.sleep(0.6)  # the generation has expired; the lease is 0.6 s old
+    layer.delete([key])  # the row changed again
+    now = time.time()
+    entry = Entry("old", now, now + 60, now + 60)
+    assert layer.set(key, b"old", entry, (), lease) is False
+    assert layer.get(key) is None
+    layer.close()

@@ -20,6 +20,18 @@ from ...errors import BackendError, BackendTimeoutError
 from ...keys import CacheKey, Tag
 from ..redis_keyspace import RedisKeyspace
 
+# A generation only ever grows, even across its own expiry: a missing generation
+# restarts at the server clock in microseconds, never at a value an older lease
+# could hold (INCR from nothing would give "1" again). Prepended to the scripts.
+BUMP_LUA = """
+local function bump(name, px)
+  local now = redis.call('TIME')
+  local next = math.max(tonumber(redis.call('GET', name) or '0') + 1,
+                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
+  redis.call('SET', name, string.format('%.0f', next), 'PX', px)
+end
+"""
+
 # Fill with a lease: refuse the write if the key's or a tag's generation moved
 # since the lease was taken (an invalidation happened while the loader ran). The
 # key's own tag list (kt) lets a re-fill with other tags leave the tag sets it no
@@ -30,7 +42,7 @@ from ..redis_keyspace import RedisKeyspace
 # KEYS: value, key-gen, key-tags, lock, tag-set x n, tag-gen x n
 # ARGV: payload, px, n, check(0/1), tag-set px, bump(0/1), gen px,
 #       unlock token ('' = none), channel, message, expected key-gen, expected tag-gen x n
-FILL_LUA = """
+FILL_LUA = BUMP_LUA + """
 local n = tonumber(ARGV[3])
 local function release()
   if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) == ARGV[8] then
@@ -51,10 +63,7 @@ for _, old in ipairs(redis.call('SMEMBERS', KEYS[3])) do
 end
 redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[6] == '1' then
-  redis.call('INCR', KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-end
+if ARGV[6] == '1' then bump(KEYS[2], ARGV[7]) end
 local tag_px = tonumber(ARGV[5])
 for i = 1, n do
   redis.call('SADD', KEYS[4 + i], KEYS[1])
@@ -76,7 +85,7 @@ return out
 
 # Invalidate keys of one slot: drop values and their tag memberships, bump generations.
 # KEYS: value x n, key-gen x n, key-tags x n   ARGV: n, gen px
-DELETE_KEYS_LUA = """
+DELETE_KEYS_LUA = BUMP_LUA + """
 local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
@@ -85,8 +94,7 @@ for i = 1, n do
     redis.call('SREM', tag, KEYS[i])
   end
   redis.call('DEL', KEYS[2 * n + i])
-  redis.call('INCR', KEYS[n + i])
-  redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
+  bump(KEYS[n + i], ARGV[2])
 end
 return dropped
 """
@@ -94,7 +102,7 @@ return dropped
 # Invalidate tags of one slot: drop every member value (and its memberships in other
 # tags) and the set, bump the tag generation. Member names share this slot's hash tag.
 # KEYS: tag-set x n, tag-gen x n   ARGV: n, gen px
-DELETE_TAGS_LUA = """
+DELETE_TAGS_LUA = BUMP_LUA + """
 local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
@@ -110,8 +118,7 @@ for i = 1, n do
     end
   end
   redis.call('DEL', KEYS[i])
-  redis.call('INCR', KEYS[n + i])
-  redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
+  bump(KEYS[n + i], ARGV[2])
 end
 return dropped
 """
