@@ -149,6 +149,7 @@ class TieredCache:
         self._subscribed_late = True
         self._notifier_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._load_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._background_workers = background_workers
         self._refreshing: set[str] = set()
         # Keys whose load outlived a soft timeout and is still running in the background.
@@ -487,6 +488,17 @@ class TieredCache:
         return ok
 
     # -- background work ---------------------------------------------------------
+    def load_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """Threads for loaders run under a timeout (a pool of their own: background
+        refreshes wait on these loads and must not starve them)."""
+        if self._load_executor is None:
+            with self._notifier_lock:
+                if self._load_executor is None:
+                    self._load_executor = concurrent.futures.ThreadPoolExecutor(
+                        32, thread_name_prefix=f"tieredcache-load-{self.namespace}"
+                    )
+        return self._load_executor
+
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
             with self._notifier_lock:
@@ -574,6 +586,9 @@ class TieredCache:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        if self._load_executor is not None:
+            self._load_executor.shutdown(wait=False, cancel_futures=True)
+            self._load_executor = None
 
     def close(self) -> None:
         """Stop background threads, then close the layers' connections."""

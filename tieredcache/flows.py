@@ -93,9 +93,11 @@ class Set:
 
 @dataclass(slots=True)
 class Delete:
-    """Invalidate the request's key in layer ``layer``."""
+    """Invalidate the request's key in layer ``layer``. ``force``: even if that layer
+    already failed this request (a write must not leave the old value behind)."""
 
     layer: int
+    force: bool = False
 
 
 @dataclass(slots=True)
@@ -212,6 +214,9 @@ class ReadRequest:
     failed: set[int] = field(default_factory=set)
     # Reads done before the flow started (the shared-hit shortcut): position -> Get result.
     prefetched: dict[int, Any] | None = None
+    # The fill-lock token this request holds (kept by the runner), so that a
+    # cancelled request or a failed late load can still release it.
+    lock_token: str | None = None
 
 
 def _decode(req: ReadRequest, position: int, stored: Any) -> Entry | None:
@@ -391,7 +396,7 @@ def fill_flow(
     entry = make_entry(req.policy, value, req.clock(), seconds)
     released = False
     if entry is not None:
-        _, released = yield from _store(req, entry, leases, bump=False, unlock=token)
+        _, released, _ = yield from _store(req, entry, leases, bump=False, unlock=token)
     if token is not None and not released and req.lock_layer is not None:
         yield Unlock(req.lock_layer, token)
 
@@ -411,10 +416,11 @@ def _store(
     bump: bool,
     unlock: str | None = None,
     conditional: bool = True,
-) -> Generator[Op, Any, tuple[bool, bool]]:
+) -> Generator[Op, Any, tuple[bool, bool, list[int]]]:
     """Set ``entry`` in every storage layer, slowest first.
 
-    Returns (stored everywhere, fill lock released). ``conditional``: a shared
+    Returns (not refused by a lease, fill lock released, positions of the layers
+    that failed to confirm the set). ``conditional``: a shared
     layer without a lease is skipped rather than written blind (its lease could
     not be taken, so a stale fill could not be refused); ``set_flow`` writes
     unconditionally. ``unlock`` releases the fill lock with the lock layer's set.
@@ -422,6 +428,7 @@ def _store(
     stored_bytes: bytes | None = None
     encodable = True
     released = False
+    unconfirmed: list[int] = []
     for position in range(len(req.storage) - 1, -1, -1):
         if req.stores_objects[position]:
             stored: Any = entry
@@ -443,8 +450,10 @@ def _store(
             released = True
         if accepted is False:
             req.counters[req.loader_base + LEASE_REJECTED] += 1
-            return False, released
-    return True, released
+            return False, released, unconfirmed
+        if accepted is None:
+            unconfirmed.append(position)
+    return True, released, unconfirmed
 
 
 def _throttle(req: ReadRequest, stale: Entry, leases: list[Any]) -> Flow:
@@ -489,10 +498,11 @@ def refresh_flow(req: ReadRequest, use_lock: bool = True, seen: float | None = N
     yield from _missing_leases(req, leases)
     try:
         loaded = yield Load(None, req.policy.hard_timeout)
-    except Exception:
+    except Exception as exc:
         if token is not None:
             yield Unlock(req.lock_layer, token)  # type: ignore[arg-type]
-        req.counters[req.loader_base + LOAD_ERRORS] += 1
+        failure = LOAD_TIMEOUTS if isinstance(exc, TimeoutError) else LOAD_ERRORS
+        req.counters[req.loader_base + failure] += 1
         raise
     value, seconds = loaded
     yield from fill_flow(req, value, seconds, leases, token)
@@ -506,26 +516,40 @@ def write_flow(req: ReadRequest) -> Flow:
     loaded = yield Load(None, None)
     value, seconds = loaded
     entry = make_entry(req.policy, value, req.clock(), seconds)
-    stored_ok = False
-    if entry is not None:
-        stored_ok, _ = yield from _store(req, entry, leases, bump=True)
-    if not stored_ok:
-        # Overtaken by another write or invalidation (or nothing to store): drop the
-        # key everywhere rather than risk leaving the older value behind.
-        for position in range(len(req.storage) - 1, -1, -1):
-            yield Delete(position)
+    yield from _write_everywhere(req, entry, leases, conditional=True)
     yield Publish((req.key,), ())
     return value
+
+
+def _write_everywhere(
+    req: ReadRequest, entry: Entry | None, leases: list[Any], *, conditional: bool
+) -> Flow:
+    """A write's store step. Refused by a lease (another write or invalidation came
+    after ours) or nothing to store: drop the key everywhere. A layer that did not
+    confirm: try once more to drop the old value there; the others keep the new."""
+    unconfirmed: list[int] = []
+    if entry is None:
+        refused = True
+    else:
+        stored, _, unconfirmed = yield from _store(
+            req, entry, leases, bump=True, conditional=conditional
+        )
+        refused = not stored
+    doomed = range(len(req.storage) - 1, -1, -1) if refused else unconfirmed
+    for position in doomed:
+        yield Delete(position, force=True)
+
+
+def unlock_flow(req: ReadRequest) -> Flow:
+    """Release the fill lock the request still holds (cancellation, failed late load)."""
+    if req.lock_token is not None and req.lock_layer is not None:
+        yield Unlock(req.lock_layer, req.lock_token)
 
 
 def set_flow(req: ReadRequest, value: Any) -> Flow:
     """Explicit set: store everywhere, refusing fills that began before it."""
     entry = make_entry(req.policy, value, req.clock(), 0.0)
-    if entry is None:
-        for position in range(len(req.storage) - 1, -1, -1):
-            yield Delete(position)
-    else:
-        yield from _store(req, entry, [None] * len(req.storage), bump=True, conditional=False)
+    yield from _write_everywhere(req, entry, [None] * len(req.storage), conditional=False)
     yield Publish((req.key,), ())
 
 

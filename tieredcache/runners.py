@@ -35,6 +35,7 @@ from .flows import (
     Set,
     Unlock,
     WaitFill,
+    unlock_flow,
 )
 from .layers.memory import MemoryLayer
 from .metrics import ERROR, FIELDS, INVALIDATION, LOAD_CALLS, SET, Metrics
@@ -195,8 +196,16 @@ def layer_call(cache: TieredCache, op: Any, req: ReadRequest, prefix: str) -> La
 def settle(op: Any, req: ReadRequest, guard: LayerGuard, result: Any) -> Any:
     """Count what a layer call did; the flow gets ``result``."""
     kind = type(op)
-    if kind is Set and result:
-        req.counters[guard.index * FIELDS + SET] += 1
+    if kind is Set:
+        if result:
+            req.counters[guard.index * FIELDS + SET] += 1
+        if op.unlock is not None and result is not None:
+            req.lock_token = None
+    elif kind is Lock:
+        if result[0]:
+            req.lock_token = op.token
+    elif kind is Unlock:
+        req.lock_token = None
     elif kind is Delete:
         req.counters[guard.index * FIELDS + INVALIDATION] += 1
         return None
@@ -219,16 +228,22 @@ class SyncRunner:
     def run(self, flow: Flow, req: ReadRequest | None = None) -> Any:
         send: Any = None
         error: BaseException | None = None
-        while True:
-            try:
-                op = flow.send(send) if error is None else flow.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            send, error = None, None
-            try:
-                send = self.dispatch(op, req)  # type: ignore[arg-type]
-            except Exception as exc:  # the loader's exception goes back into the flow
-                error = exc
+        try:
+            while True:
+                try:
+                    op = flow.send(send) if error is None else flow.throw(error)
+                except StopIteration as stop:
+                    return stop.value
+                send, error = None, None
+                try:
+                    send = self.dispatch(op, req)  # type: ignore[arg-type]
+                except Exception as exc:  # the loader's exception goes back into the flow
+                    error = exc
+        except BaseException:
+            flow.close()
+            if req is not None and req.lock_token is not None:  # interrupted mid-flow
+                self.run(unlock_flow(req), req)
+            raise
 
     def _invalidate(self, op: Invalidate) -> bool:
         guard = self.cache.guards[op.layer]
@@ -254,7 +269,8 @@ class SyncRunner:
             if done is not MISSING:
                 return done
             guard, name, fn, default = call
-            result = guard.call(name, req.function, req.counters, fn, default, req.failed)
+            failed = None if getattr(op, "force", False) else req.failed
+            result = guard.call(name, req.function, req.counters, fn, default, failed)
             return settle(op, req, guard, result)
         kind = type(op)
         if kind is Load:
@@ -281,7 +297,7 @@ class SyncRunner:
             return value, time.perf_counter() - start
         # A timeout needs the loader on another thread; it cannot be interrupted, so
         # past the timeout it keeps running and its result still fills the cache.
-        future = self.cache.executor().submit(contextvars.copy_context().run, req.loader)
+        future = self.cache.load_executor().submit(contextvars.copy_context().run, req.loader)
         try:
             value = future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -293,9 +309,11 @@ class SyncRunner:
 
                 def finish(done: concurrent.futures.Future[Any]) -> None:
                     try:
-                        if done.exception() is None:
+                        if not done.cancelled() and done.exception() is None:
                             seconds = time.perf_counter() - start
                             self.cache.sync_runner.run(late(done.result(), seconds), req)
+                        else:  # the late load failed: its fill lock must not linger
+                            self.cache.sync_runner.run(unlock_flow(req), req)
                     except Exception:
                         log.exception("tieredcache late fill of %s failed", req.key)
                     finally:
@@ -341,16 +359,24 @@ class AsyncRunner:
     async def run(self, flow: Flow, req: ReadRequest | None = None) -> Any:
         send: Any = None
         error: BaseException | None = None
-        while True:
-            try:
-                op = flow.send(send) if error is None else flow.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            send, error = None, None
-            try:
-                send = await self.dispatch(op, req)  # type: ignore[arg-type]
-            except Exception as exc:  # the loader's exception goes back into the flow
-                error = exc
+        try:
+            while True:
+                try:
+                    op = flow.send(send) if error is None else flow.throw(error)
+                except StopIteration as stop:
+                    return stop.value
+                send, error = None, None
+                try:
+                    send = await self.dispatch(op, req)  # type: ignore[arg-type]
+                except Exception as exc:  # the loader's exception goes back into the flow
+                    error = exc
+        except BaseException:
+            flow.close()
+            if req is not None and req.lock_token is not None:
+                # Cancelled (a client went away) while holding the fill lock: release it
+                # in a task of its own, since this one is being cancelled.
+                self.cache.arun_background(unlock_flow(req), req)
+            raise
 
     async def _invalidate(self, op: Invalidate) -> bool:
         guard = self.cache.guards[op.layer]
@@ -376,7 +402,8 @@ class AsyncRunner:
             if done is not MISSING:
                 return done
             guard, name, fn, default = call
-            result = await guard.acall(name, req.function, req.counters, fn, default, req.failed)
+            failed = None if getattr(op, "force", False) else req.failed
+            result = await guard.acall(name, req.function, req.counters, fn, default, failed)
             return settle(op, req, guard, result)
         kind = type(op)
         if kind is Load:
@@ -404,6 +431,9 @@ class AsyncRunner:
         task = asyncio.ensure_future(req.loader())
         try:
             value = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.CancelledError:
+            task.cancel()  # the caller went away: so does its load
+            raise
         except TimeoutError:
             if op.soft_timeout is not None and op.late is not None:
                 late = op.late
@@ -413,11 +443,14 @@ class AsyncRunner:
                 def finish(done: asyncio.Future[Any]) -> None:
                     if not done.cancelled() and done.exception() is None:
                         flow = late(done.result(), time.perf_counter() - start)
-                        self.cache.arun_background(flow, req, pending_key=req.key.full)
-                    else:
-                        pending.discard(req.key.full)
+                    else:  # the late load failed: its fill lock must not linger
+                        flow = unlock_flow(req)
+                    self.cache.arun_background(flow, req, pending_key=req.key.full)
 
                 task.add_done_callback(finish)
+                if op.hard_timeout is not None:  # the late load is still bounded
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(op.hard_timeout - op.soft_timeout, task.cancel)
                 return SOFT_TIMEOUT
             task.cancel()  # past the hard timeout an async loader can be stopped
             raise LoaderTimeoutError(req.function, req.key.full, timeout) from None

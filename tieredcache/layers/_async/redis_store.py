@@ -42,7 +42,9 @@ end
 # KEYS: value, key-gen, key-tags, lock, tag-set x n, tag-gen x n
 # ARGV: payload, px, n, check(0/1), tag-set px, bump(0/1), gen px,
 #       unlock token ('' = none), channel, message, expected key-gen, expected tag-gen x n
-FILL_LUA = BUMP_LUA + """
+FILL_LUA = (
+    BUMP_LUA
+    + """
 local n = tonumber(ARGV[3])
 local function release()
   if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) == ARGV[8] then
@@ -74,6 +76,7 @@ if n > 0 then redis.call('PEXPIRE', KEYS[3], tag_px) end
 release()
 return 1
 """
+)
 
 # Take the fill lock and, in the same round trip, the generations that make up the
 # lease of the fill that follows. KEYS: lock, key-gen, tag-gen x n   ARGV: token, px
@@ -85,7 +88,9 @@ return out
 
 # Invalidate keys of one slot: drop values and their tag memberships, bump generations.
 # KEYS: value x n, key-gen x n, key-tags x n   ARGV: n, gen px
-DELETE_KEYS_LUA = BUMP_LUA + """
+DELETE_KEYS_LUA = (
+    BUMP_LUA
+    + """
 local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
@@ -98,11 +103,14 @@ for i = 1, n do
 end
 return dropped
 """
+)
 
 # Invalidate tags of one slot: drop every member value (and its memberships in other
 # tags) and the set, bump the tag generation. Member names share this slot's hash tag.
 # KEYS: tag-set x n, tag-gen x n   ARGV: n, gen px
-DELETE_TAGS_LUA = BUMP_LUA + """
+DELETE_TAGS_LUA = (
+    BUMP_LUA
+    + """
 local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
@@ -122,6 +130,7 @@ for i = 1, n do
 end
 return dropped
 """
+)
 
 # Compare-and-delete release of a fill lock, waking waiters through pub/sub.
 # KEYS: lock   ARGV: token, channel, message

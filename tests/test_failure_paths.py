@@ -1,0 +1,118 @@
+"""Failure paths found in review: locks never outlive a failed or cancelled load, and a
+write that a layer did not confirm does not leave the old value there."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tieredcache import BackendError, MemoryLayer, RedisLayer, TieredCache, tenant_scope
+from tieredcache.testing import FakeClock
+
+
+def _wait_until(predicate: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.redis
+def test_a_late_load_that_fails_after_its_soft_timeout_releases_the_fill_lock(
+    redis_url: str,
+) -> None:
+    clock = FakeClock(time.time())
+    layer = RedisLayer(url=redis_url, timer=clock)
+    cache = TieredCache("paths", [MemoryLayer(timer=clock), layer], clock=clock)
+    failing = False
+
+    @cache.cached(ttl=10, stale_ttl=100, soft_timeout=0.05, hard_timeout=5, lock_wait=1)
+    def price(item: int) -> str:
+        if failing:
+            time.sleep(0.2)
+            raise ConnectionError("origin down")
+        return "v1"
+
+    with tenant_scope("acme"):
+        assert price(1) == "v1"
+        key = price.key(1)
+        clock.advance(20)
+        failing = True
+        started = time.perf_counter()
+        assert price(1) == "v1"  # stale after the soft timeout
+        assert time.perf_counter() - started < 0.2
+    assert _wait_until(lambda: not layer.fill_lock_held(key)), "the fill lock outlived the load"
+    cache.close()
+
+
+@pytest.mark.redis
+async def test_a_cancelled_caller_releases_the_fill_lock(redis_url: str) -> None:
+    layer = RedisLayer(url=redis_url)
+    cache = TieredCache("paths", [layer], broadcast=False)
+    started = asyncio.Event()
+
+    @cache.cached(ttl=60)
+    async def slow(item: int) -> int:
+        started.set()
+        await asyncio.sleep(5)
+        return item
+
+    with tenant_scope("acme"):
+        key = slow.key(1)
+        task = asyncio.ensure_future(slow(1))
+        await asyncio.wait_for(started.wait(), 2)
+        assert await layer.afill_lock_held(key)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(50):
+        if not await layer.afill_lock_held(key):
+            break
+        await asyncio.sleep(0.02)
+    assert not await layer.afill_lock_held(key), "a cancelled request kept the fill lock"
+    await cache.aclose()
+
+
+@pytest.mark.redis
+def test_a_write_redis_did_not_confirm_does_not_leave_the_old_value_there(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer_layer = RedisLayer(url=redis_url)
+    writer = TieredCache("paths", [MemoryLayer(), writer_layer], broadcast=False)
+    reader = TieredCache("paths", [RedisLayer(url=redis_url)], broadcast=False)
+    rows = {1: "old"}
+
+    def load(row: int) -> str:
+        return rows[row]
+
+    get_w = writer.cached(ttl=60, name="row")(load)
+    get_r = reader.cached(ttl=60, name="row")(load)
+
+    @get_w.writer(key_args=lambda row, value: (row,))
+    def save(row: int, value: str) -> str:
+        rows[row] = value
+        return value
+
+    with tenant_scope("acme"):
+        assert get_w(1) == "old"  # in Redis now
+        original = writer_layer.set
+        calls = 0
+
+        def set_times_out_once(*args: Any, **kwargs: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise BackendError("redis", "set", "timed out (injected)")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(writer_layer, "set", set_times_out_once)
+        assert save(1, "new") == "new"
+        assert get_w(1) == "new"  # the writer reads its own write
+        assert get_r(1) == "new"  # another replica never sees the old value
+    writer.close()
+    reader.close()
