@@ -116,3 +116,20 @@ def test_a_write_redis_did_not_confirm_does_not_leave_the_old_value_there(
         assert get_r(1) == "new"  # another replica never sees the old value
     writer.close()
     reader.close()
+
+
+def test_nested_arguments_that_compare_equal_are_separate_calls() -> None:
+    """(1,) and (1.0,) are equal tuples with different keys: no shared in-process entry."""
+    cache = TieredCache("paths", [MemoryLayer()])
+
+    @cache.cached(ttl=60)
+    def describe(point: tuple[float, ...]) -> str:
+        return repr(point)
+
+    with tenant_scope("acme"):
+        assert describe((1,)) == "(1,)"
+        assert describe((1.0,)) == "(1.0,)"
+        assert describe((True,)) == "(True,)"
+        assert describe((1,)) == "(1,)"
+        describe.invalidate((1.0,))
+        assert describe((1.0,)) == "(1.0,)"

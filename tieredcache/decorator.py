@@ -107,6 +107,15 @@ def make_alias(
     return (impl, tenant, args, *map(type, args))
 
 
+_CONTAINERS = (tuple, frozenset)
+
+
+def _has_containers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return any(isinstance(a, _CONTAINERS) for a in args) or any(
+        isinstance(v, _CONTAINERS) for v in kwargs.values()
+    )
+
+
 def _return_type(func: Callable[..., Any]) -> Any:
     try:
         hints = typing.get_type_hints(func)
@@ -278,6 +287,11 @@ class CachedImpl:
         kwargs: dict[str, Any],
         loader: Callable[[], Any] | None = None,
     ) -> ReadRequest:
+        if alias is not None and _has_containers(args, kwargs):
+            # The alias records only top-level argument types: (1,) and (1.0,) are
+            # equal tuples but different keys. Such calls are stored by key alone,
+            # so the hot path never finds them under a shared alias.
+            alias = None
         return self.cache.request(
             self.cache_key(tenant, args, kwargs),
             self.tags(tenant, args, kwargs),
