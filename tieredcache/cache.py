@@ -134,7 +134,7 @@ class TieredCache:
         self.memory: MemoryLayer | None = first if isinstance(first, MemoryLayer) else None
         redis_layers = [i for i in self.storage if isinstance(self.layers[i], RedisLayer)]
         self.lock_layer: int | None = redis_layers[0] if redis_layers else None
-        # The shape of the shared-hit shortcut (see CachedImpl.shared_hit): exactly one
+        # The shape of the shared-hit shortcut (see tieredcache.hotpath.shared_hit): exactly one
         # shared storage layer, last, optionally behind the in-process layer.
         shared = [p for p, objects in enumerate(self.stores_objects) if not objects]
         self.fast_shared: int | None = None
