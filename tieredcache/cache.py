@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextvars
 import logging
 import threading
 import time
@@ -12,24 +9,23 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .background import Background
 from .breaker import CircuitBreaker
 from .broadcast import Notifier
 from .errors import BackendError, ConfigurationError, TenantRequiredError
 from .flows import (
     BROADCAST,
     MISSING,
-    Flow,
     ReadRequest,
     invalidate_flow,
     lookup_flow,
-    refresh_flow,
     set_flow,
 )
 from .keys import CacheKey, Tag, make_tags, validate_namespace
 from .layers.base import InvalidationLayer, StorageLayer
 from .layers.memory import MemoryLayer
 from .layers.redis import RedisLayer
-from .metrics import REFRESHES, CacheStats, Metrics
+from .metrics import CacheStats, Metrics
 from .policy import Policy
 from .runners import AsyncRunner, LayerGuard, SyncRunner
 from .serde import EntryCodec, MsgpackSerializer, Serializer
@@ -148,13 +144,7 @@ class TieredCache:
         self._notifier: Notifier | None = None
         self._subscribed_late = True
         self._notifier_lock = threading.Lock()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._load_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._background_workers = background_workers
-        self._refreshing: set[str] = set()
-        # Keys whose load outlived a soft timeout and is still running in the background.
-        self.pending: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background(self, background_workers)
         self._api_counters: dict[str, list[int]] = {}
         self.singleflight = SingleFlight()
         self.async_singleflight = AsyncSingleFlight()
@@ -487,83 +477,6 @@ class TieredCache:
         ok: bool = await guard.acall("publish", API_FUNCTION, None, publish, False)
         return ok
 
-    # -- background work ---------------------------------------------------------
-    def load_executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        """Threads for loaders run under a timeout (a pool of their own: background
-        refreshes wait on these loads and must not starve them)."""
-        if self._load_executor is None:
-            with self._notifier_lock:
-                if self._load_executor is None:
-                    self._load_executor = concurrent.futures.ThreadPoolExecutor(
-                        32, thread_name_prefix=f"tieredcache-load-{self.namespace}"
-                    )
-        return self._load_executor
-
-    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            with self._notifier_lock:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        self._background_workers, thread_name_prefix=f"tieredcache-{self.namespace}"
-                    )
-        return self._executor
-
-    def arun_background(self, flow: Flow, req: ReadRequest, pending_key: str | None = None) -> None:
-        """Run a flow as a task (async callers); ``pending_key`` leaves ``pending`` after."""
-
-        async def work() -> None:
-            try:
-                await self.async_runner.run(flow, req)
-            except Exception:
-                log.exception("tieredcache background work for %s failed", req.key)
-            finally:
-                if pending_key is not None:
-                    self.pending.discard(pending_key)
-
-        task = asyncio.get_running_loop().create_task(work())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _claim_refresh(self, full_key: str) -> bool:
-        with self._notifier_lock:
-            if full_key in self._refreshing:
-                return False
-            self._refreshing.add(full_key)
-            return True
-
-    def spawn_refresh(self, req: ReadRequest, seen: float | None = None) -> None:
-        """Recompute ``req``'s key in the background once (stale-while-revalidate, XFetch)."""
-        if not self._claim_refresh(req.key.full):
-            return
-        req.counters[self.metrics.loader_base + REFRESHES] += 1
-
-        def work() -> None:
-            try:
-                self.sync_runner.run(refresh_flow(req, seen=seen), req)
-            except Exception:
-                log.exception("tieredcache refresh of %s failed", req.key)
-            finally:
-                self._refreshing.discard(req.key.full)
-
-        self.executor().submit(contextvars.copy_context().run, work)
-
-    def spawn_arefresh(self, req: ReadRequest, seen: float | None = None) -> None:
-        if not self._claim_refresh(req.key.full):
-            return
-        req.counters[self.metrics.loader_base + REFRESHES] += 1
-
-        async def work() -> None:
-            try:
-                await self.async_runner.run(refresh_flow(req, seen=seen), req)
-            except Exception:
-                log.exception("tieredcache refresh of %s failed", req.key)
-            finally:
-                self._refreshing.discard(req.key.full)
-
-        task = asyncio.get_running_loop().create_task(work())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- introspection and lifecycle -------------------------------------------
     def stats(self) -> CacheStats:
         """Hit rates and counts per layer, per function and per tenant."""
@@ -583,12 +496,7 @@ class TieredCache:
         if self._notifier is not None:
             self._notifier.stop()
             self._notifier = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        if self._load_executor is not None:
-            self._load_executor.shutdown(wait=False, cancel_futures=True)
-            self._load_executor = None
+        self.background.stop()
 
     def close(self) -> None:
         """Stop background threads, then close the layers' connections."""
@@ -598,9 +506,7 @@ class TieredCache:
 
     async def aclose(self) -> None:
         """Async :meth:`close` (also closes this loop's async connections)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.background.acancel()
         self._stop_background()
         for layer in self.layers:
             await layer.aclose()

@@ -59,7 +59,7 @@ def near_expiry(
     now = impl.cache.clock()
     if now < slot.entry.fresh_until:
         if xfetch_due(slot.entry, now, impl.policy.early_refresh_beta):
-            impl.cache.spawn_refresh(
+            impl.cache.background.spawn_refresh(
                 impl.request(tenant, alias, args, kwargs), slot.entry.created_at
             )
         impl.counters_for(tenant)[impl.hit_index] += 1
@@ -140,7 +140,11 @@ def shared_hit(
                 ):
                     counters[cache.storage[0] * FIELDS + SET] += 1
             if xfetch_due(entry, now, impl.policy.early_refresh_beta):
-                spawn = cache.spawn_arefresh if asynchronous else cache.spawn_refresh
+                spawn = (
+                    cache.background.spawn_arefresh
+                    if asynchronous
+                    else cache.background.spawn_refresh
+                )
                 spawn(req, entry.created_at)
             return entry.value
     req.prefetched = prefetched
@@ -155,7 +159,7 @@ async def anear_expiry(
     now = impl.cache.clock()
     if now < slot.entry.fresh_until:
         if xfetch_due(slot.entry, now, impl.policy.early_refresh_beta):
-            impl.cache.spawn_arefresh(
+            impl.cache.background.spawn_arefresh(
                 impl.request(tenant, alias, args, kwargs), slot.entry.created_at
             )
         impl.counters_for(tenant)[impl.hit_index] += 1

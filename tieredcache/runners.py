@@ -278,10 +278,10 @@ class SyncRunner:
         if kind is WaitFill:
             return self._wait_fill(op, req)
         if kind is Refresh:
-            cache.spawn_refresh(req, op.seen)
+            cache.background.spawn_refresh(req, op.seen)
             return None
         if kind is Pending:
-            return req.key.full in cache.pending
+            return req.key.full in cache.background.pending
         if kind is Invalidate:
             return self._invalidate(op)
         if kind is Publish:
@@ -297,13 +297,15 @@ class SyncRunner:
             return value, time.perf_counter() - start
         # A timeout needs the loader on another thread; it cannot be interrupted, so
         # past the timeout it keeps running and its result still fills the cache.
-        future = self.cache.load_executor().submit(contextvars.copy_context().run, req.loader)
+        future = self.cache.background.load_executor().submit(
+            contextvars.copy_context().run, req.loader
+        )
         try:
             value = future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             if op.late is not None:
                 late = op.late
-                pending = self.cache.pending
+                pending = self.cache.background.pending
                 if op.soft_timeout is not None:
                     pending.add(req.key.full)
 
@@ -375,7 +377,7 @@ class AsyncRunner:
             if req is not None and req.lock_token is not None:
                 # Cancelled (a client went away) while holding the fill lock: release it
                 # in a task of its own, since this one is being cancelled.
-                self.cache.arun_background(unlock_flow(req), req)
+                self.cache.background.arun(unlock_flow(req), req)
             raise
 
     async def _invalidate(self, op: Invalidate) -> bool:
@@ -411,10 +413,10 @@ class AsyncRunner:
         if kind is WaitFill:
             return await self._wait_fill(op, req)
         if kind is Refresh:
-            cache.spawn_arefresh(req, op.seen)
+            cache.background.spawn_arefresh(req, op.seen)
             return None
         if kind is Pending:
-            return req.key.full in cache.pending
+            return req.key.full in cache.background.pending
         if kind is Invalidate:
             return await self._invalidate(op)
         if kind is Publish:
@@ -437,7 +439,7 @@ class AsyncRunner:
         except TimeoutError:
             if op.soft_timeout is not None and op.late is not None:
                 late = op.late
-                pending = self.cache.pending
+                pending = self.cache.background.pending
                 pending.add(req.key.full)
 
                 def finish(done: asyncio.Future[Any]) -> None:
@@ -445,7 +447,7 @@ class AsyncRunner:
                         flow = late(done.result(), time.perf_counter() - start)
                     else:  # the late load failed: its fill lock must not linger
                         flow = unlock_flow(req)
-                    self.cache.arun_background(flow, req, pending_key=req.key.full)
+                    self.cache.background.arun(flow, req, pending_key=req.key.full)
 
                 task.add_done_callback(finish)
                 if op.hard_timeout is not None:  # the late load is still bounded
