@@ -24,13 +24,18 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .keys import CacheKey, Tag
+from .layers.memory import MemoryLayer
 
-__all__ = ["InvalidationMessage", "Notifier"]
+if TYPE_CHECKING:
+    from .cache import TieredCache
+    from .layers.redis import RedisLayer
+
+__all__ = ["InvalidationMessage", "Notifier", "Replicas"]
 
 log = logging.getLogger("tieredcache.broadcast")
 
@@ -218,3 +223,98 @@ class Notifier:
     def encode_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bytes:
         message = InvalidationMessage(self.origin, [k.full for k in keys], [t.full for t in tags])
         return msgspec.json.encode(message)
+
+
+class Replicas:
+    """One cache's side of the broadcast: its subscriber, and its invalidations to
+    the other replicas. Without a Redis layer (or with ``broadcast=False``) it does
+    nothing and reports success: there are no replicas to tell."""
+
+    def __init__(self, cache: TieredCache, redis: RedisLayer | None) -> None:
+        self.cache = cache
+        self.redis = redis
+        self._notifier: Notifier | None = None
+        self._subscribed_late = True
+        self._lock = threading.Lock()
+
+    def notifier(self) -> Notifier | None:
+        redis = self.redis
+        if redis is None:
+            return None
+        notifier = self._notifier
+        if notifier is None:
+            with self._lock:
+                if self._notifier is None:
+                    self._notifier = Notifier(
+                        lambda: redis.sync_store().client.pubsub(),
+                        prefix=redis.keyspace.prefix,
+                        namespace=self.cache.namespace,
+                        on_invalidate=self._apply,
+                        on_resync=self._resync,
+                    )
+                    # The first request waits for the subscription at most as long as
+                    # Redis may take to connect (a few ms when it is up). If that runs
+                    # out, what was cached before it is dropped once it is up.
+                    self._subscribed_late = not self._notifier.start(wait=redis._timeouts[1])
+                notifier = self._notifier
+        return notifier
+
+    def connect(self, timeout: float) -> bool:
+        notifier = self.notifier()
+        return True if notifier is None else notifier.ready.wait(timeout)
+
+    def _memory_layers(self) -> list[MemoryLayer]:
+        return [layer for layer in self.cache.layers if isinstance(layer, MemoryLayer)]
+
+    def _apply(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
+        for layer in self._memory_layers():
+            if keys:
+                layer.delete(keys)
+            if tags:
+                layer.delete_tags(tags)
+
+    def _resync(self, reconnected: bool) -> None:
+        if not reconnected and not self._subscribed_late:
+            return  # subscribed before anything was cached: nothing was missed
+        if reconnected:
+            log.warning(
+                "tieredcache %s: broadcast reconnected; clearing in-process layers",
+                self.cache.namespace,
+            )
+        for layer in self._memory_layers():
+            layer.clear()
+
+    def _guard(self) -> Any:
+        return self.cache.guards[self.cache.layers.index(self.redis)]  # type: ignore[arg-type]
+
+    def publish(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+        """Tell the other replicas to drop ``keys`` and ``tags`` -> whether Redis took it."""
+        notifier, redis = self.notifier(), self.redis
+        if notifier is None or redis is None:
+            return True
+        message = notifier.encode_invalidation(keys, tags)
+
+        def publish() -> bool:
+            redis.sync_store().publish(notifier.inval_channel, message)
+            return True
+
+        ok: bool = self._guard().call("publish", "(api)", None, publish, False)
+        return ok
+
+    async def apublish(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+        notifier, redis = self.notifier(), self.redis
+        if notifier is None or redis is None:
+            return True
+        message = notifier.encode_invalidation(keys, tags)
+
+        async def publish() -> bool:
+            await redis.async_store().publish(notifier.inval_channel, message)
+            return True
+
+        ok: bool = await self._guard().acall("publish", "(api)", None, publish, False)
+        return ok
+
+    def stop(self) -> None:
+        if self._notifier is not None:
+            self._notifier.stop()
+            self._notifier = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .background import Background
 from .breaker import CircuitBreaker
-from .broadcast import Notifier
+from .broadcast import Notifier, Replicas
 from .errors import BackendError, ConfigurationError, TenantRequiredError
 from .flows import (
     BROADCAST,
@@ -140,10 +139,7 @@ class TieredCache:
         self._redis: RedisLayer | None = (
             redis_layer if isinstance(redis_layer, RedisLayer) else None
         )
-        self._broadcast = broadcast and self._redis is not None
-        self._notifier: Notifier | None = None
-        self._subscribed_late = True
-        self._notifier_lock = threading.Lock()
+        self.replicas = Replicas(self, self._redis if broadcast else None)
         self.background = Background(self, background_workers)
         self._api_counters: dict[str, list[int]] = {}
         self.singleflight = SingleFlight()
@@ -398,26 +394,7 @@ class TieredCache:
     # -- broadcast -------------------------------------------------------------
     def notifier(self) -> Notifier | None:
         """The replica broadcast subscriber, started on first use (None without Redis)."""
-        if not self._broadcast or self._redis is None:
-            return None
-        notifier = self._notifier
-        if notifier is None:
-            with self._notifier_lock:
-                if self._notifier is None:
-                    redis_layer = self._redis
-                    self._notifier = Notifier(
-                        lambda: redis_layer.sync_store().client.pubsub(),
-                        prefix=redis_layer.keyspace.prefix,
-                        namespace=self.namespace,
-                        on_invalidate=self._apply_remote_invalidation,
-                        on_resync=self._resync,
-                    )
-                    # The first request waits for the subscription at most as long as
-                    # Redis may take to connect (a few ms when it is up). If that runs
-                    # out, what was cached before it is dropped once it is up.
-                    self._subscribed_late = not self._notifier.start(wait=self._redis._timeouts[1])
-                notifier = self._notifier
-        return notifier
+        return self.replicas.notifier()
 
     def connect(self, timeout: float = 2.0) -> bool:
         """Subscribe to the replica broadcast now and wait up to ``timeout`` for it.
@@ -426,56 +403,7 @@ class TieredCache:
         the first requests already hear other replicas' invalidations. Returns
         whether the subscription is up (always True without a Redis layer).
         """
-        notifier = self.notifier()
-        return True if notifier is None else notifier.ready.wait(timeout)
-
-    def _apply_remote_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
-        for layer in self.layers:
-            if isinstance(layer, MemoryLayer):
-                if keys:
-                    layer.delete(keys)
-                if tags:
-                    layer.delete_tags(tags)
-
-    def _resync(self, reconnected: bool) -> None:
-        if not reconnected and not self._subscribed_late:
-            return  # subscribed before anything was cached: nothing was missed
-        if reconnected:
-            log.warning(
-                "tieredcache %s: broadcast reconnected; clearing in-process layers", self.namespace
-            )
-        for layer in self.layers:
-            if isinstance(layer, MemoryLayer):
-                layer.clear()
-
-    def publish_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
-        notifier = self.notifier()
-        if notifier is None or self._redis is None:
-            return True
-        guard = self.guards[self.lock_layer]  # type: ignore[index]
-        message = notifier.encode_invalidation(keys, tags)
-        store = self._redis
-
-        def publish() -> bool:
-            store.sync_store().publish(notifier.inval_channel, message)
-            return True
-
-        return guard.call("publish", API_FUNCTION, None, publish, False)
-
-    async def apublish_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
-        notifier = self.notifier()
-        if notifier is None or self._redis is None:
-            return True
-        guard = self.guards[self.lock_layer]  # type: ignore[index]
-        message = notifier.encode_invalidation(keys, tags)
-        store = self._redis
-
-        async def publish() -> bool:
-            await store.async_store().publish(notifier.inval_channel, message)
-            return True
-
-        ok: bool = await guard.acall("publish", API_FUNCTION, None, publish, False)
-        return ok
+        return self.replicas.connect(timeout)
 
     # -- introspection and lifecycle -------------------------------------------
     def stats(self) -> CacheStats:
@@ -493,9 +421,7 @@ class TieredCache:
         return PrometheusCollector([self])
 
     def _stop_background(self) -> None:
-        if self._notifier is not None:
-            self._notifier.stop()
-            self._notifier = None
+        self.replicas.stop()
         self.background.stop()
 
     def close(self) -> None:

@@ -285,7 +285,7 @@ class SyncRunner:
         if kind is Invalidate:
             return self._invalidate(op)
         if kind is Publish:
-            return cache.publish_invalidation(op.keys, op.tags)
+            return cache.replicas.publish(op.keys, op.tags)
         raise TypeError(f"unknown operation {op!r}")
 
     def _load(self, op: Load, req: ReadRequest) -> Any:
@@ -420,7 +420,7 @@ class AsyncRunner:
         if kind is Invalidate:
             return await self._invalidate(op)
         if kind is Publish:
-            return await cache.apublish_invalidation(op.keys, op.tags)
+            return await cache.replicas.apublish(op.keys, op.tags)
         raise TypeError(f"unknown operation {op!r}")
 
     async def _load(self, op: Load, req: ReadRequest) -> Any:
