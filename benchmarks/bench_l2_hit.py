@@ -235,25 +235,25 @@ def _split_sync(cache: Any, f: Any, raw: Any, decode: Any) -> dict[str, float] |
 
     try:
         layer = cache.layers[0]
-        original = layer.get_with_lease
+        original = layer.get
         spent = [0.0]
 
-        def timed(key: Any, tags: Any) -> Any:
+        def timed(key: Any) -> Any:
             start = time.perf_counter()
             try:
-                return original(key, tags)
+                return original(key)
             finally:
                 spent[0] += time.perf_counter() - start
 
         n = 20_000
-        layer.get_with_lease = timed
+        layer.get = timed
         try:
             start = time.perf_counter()
             for _ in range(n):
                 f(1)
             total = time.perf_counter() - start
         finally:
-            del layer.get_with_lease
+            del layer.get
         key = f.key(1)
         stored = raw.get(f"{layer.keyspace.slot_of(key)}:v:{key.body}")
         env = {
@@ -274,7 +274,7 @@ def _split_sync(cache: Any, f: Any, raw: Any, decode: Any) -> dict[str, float] |
             "raw: client.get(key)": "raw.get(RAW_KEY)",
             "raw: client.mget([key, key2])": "raw.mget([RAW_KEY, RAW_KEY + ':gk'])",
             "raw: msgspec decode of the payload": "decode(payload)",
-            "tieredcache: RedisLayer.get_with_lease, tight loop": "layer.get_with_lease(key, ())",
+            "tieredcache: RedisLayer.get, tight loop": "layer.get(key)",
             "tieredcache: EntryCodec.decode": "codec.decode(full, stored, decode)",
             "tieredcache: f.key(1) (tenant + key build, public API)": "f.key(1)",
             "  inspect.Signature.bind(1) alone": "sig.bind(1)",
@@ -282,8 +282,8 @@ def _split_sync(cache: Any, f: Any, raw: Any, decode: Any) -> dict[str, float] |
         }
         out: dict[str, Any] = {
             "whole call (timed loop)": total / n * 1e9,
-            "  inside RedisLayer.get_with_lease (redis-py + network + store)": spent[0] / n * 1e9,
-            "  outside it (tieredcache: key, request, flow, single-flight, guard, decode)": (
+            "  inside RedisLayer.get (redis-py + network + store)": spent[0] / n * 1e9,
+            "  outside it (tieredcache: key, request, guard, decode, back-fill)": (
                 (total - spent[0]) / n * 1e9
             ),
         }
@@ -300,29 +300,29 @@ def _split_sync(cache: Any, f: Any, raw: Any, decode: Any) -> dict[str, float] |
 async def _split_async(cache: Any, f: Any, raw_get: Any) -> dict[str, float] | str:
     try:
         layer = cache.layers[0]
-        original = layer.aget_with_lease
+        original = layer.aget
         spent = [0.0]
 
-        async def timed(key: Any, tags: Any) -> Any:
+        async def timed(key: Any) -> Any:
             start = time.perf_counter()
             try:
-                return await original(key, tags)
+                return await original(key)
             finally:
                 spent[0] += time.perf_counter() - start
 
         loop = asyncio.get_running_loop()
         n = 10_000
-        layer.aget_with_lease = timed
+        layer.aget = timed
         try:
             start = time.perf_counter()
             for _ in range(n):
                 await f(1)
             total = time.perf_counter() - start
         finally:
-            del layer.aget_with_lease
+            del layer.aget
         return {
             "whole call (timed loop)": total / n * 1e9,
-            "  inside RedisLayer.aget_with_lease (redis-py + network + store)": spent[0] / n * 1e9,
+            "  inside RedisLayer.aget (redis-py + network + store)": spent[0] / n * 1e9,
             "  outside it (tieredcache: key, request, flow, single-flight task, guard, decode)": (
                 (total - spent[0]) / n * 1e9
             ),
