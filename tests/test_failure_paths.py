@@ -133,3 +133,52 @@ def test_nested_arguments_that_compare_equal_are_separate_calls() -> None:
         assert describe((1,)) == "(1,)"
         describe.invalidate((1.0,))
         assert describe((1.0,)) == "(1.0,)"
+
+
+def test_background_refreshes_do_not_starve_their_own_timed_loads() -> None:
+    """Eight stale keys refreshing at once, each loader 0.3 s under a 0.5 s hard timeout:
+    the refreshes (4 threads) must not wait on loads queued behind themselves."""
+    clock = FakeClock()
+    cache = TieredCache("paths", [MemoryLayer(timer=clock)], clock=clock)
+    version = 1
+
+    @cache.cached(ttl=10, stale_while_revalidate=60, hard_timeout=0.5)
+    def price(item: int) -> int:
+        if version > 1:
+            time.sleep(0.3)
+        return version
+
+    with tenant_scope("acme"):
+        assert [price(i) for i in range(8)] == [1] * 8
+        version = 2
+        clock.advance(15)
+        assert [price(i) for i in range(8)] == [1] * 8  # stale; eight refreshes start
+        assert _wait_until(lambda: [price(i) for i in range(8)] == [2] * 8, timeout=5)
+    stats = cache.stats()
+    assert stats.loader.timeouts == 0 and stats.loader.errors == 0
+    cache.close()
+
+
+async def test_a_load_past_its_soft_timeout_is_still_stopped_at_the_hard_timeout() -> None:
+    clock = FakeClock()
+    cache = TieredCache("paths", [MemoryLayer(timer=clock)], clock=clock)
+    cancelled = asyncio.Event()
+    slow = False
+
+    @cache.cached(ttl=10, stale_ttl=60, soft_timeout=0.05, hard_timeout=0.3)
+    async def price(item: int) -> int:
+        if slow:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return 1
+
+    with tenant_scope("acme"):
+        assert await price(1) == 1
+        clock.advance(20)
+        slow = True
+        assert await price(1) == 1  # stale at the soft timeout
+    await asyncio.wait_for(cancelled.wait(), 2)  # and the load ends at the hard one
+    await cache.aclose()
