@@ -74,25 +74,35 @@ def miss(
     cache = impl.cache
     req = impl.request(tenant, alias, args, kwargs)
     cache.notifier()
-    position = cache.fast_shared
-    if position is not None and not cache.singleflight.in_flight(req.key.full):
-        in_memory = None if position == 0 else cache.memory.get_with_lease(req.key, req.tags)  # type: ignore[union-attr]
-        if in_memory is None or in_memory[0] is None:
-            guard = cache.guards[req.storage[position]]
-            layer = guard.layer
-            stored = guard.call(
-                "get",
-                impl.name,
-                req.counters,
-                lambda: layer.get(req.key),
-                _FAILED,
-                failed=req.failed,
-            )
-            found = shared_hit(impl, req, position, in_memory, stored, False)
-            if found is not MISSING:
-                return found
+    target = shortcut(impl, req, cache.singleflight.in_flight(req.key.full))
+    if target is not None:
+        position, guard, in_memory = target
+        layer = guard.layer
+        stored = guard.call(
+            "get", impl.name, req.counters, lambda: layer.get(req.key), _FAILED, req.failed
+        )
+        found = shared_hit(impl, req, position, in_memory, stored, False)
+        if found is not MISSING:
+            return found
     runner = cache.sync_runner
     return cache.singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
+
+
+def shortcut(impl: CachedImpl, req: ReadRequest, in_flight: bool) -> tuple[int, Any, Any] | None:
+    """Whether a miss may read the shared layer directly: (its position, its guard,
+    the in-process read with its lease) or None. Not while a load of the key is in
+    flight here (its followers wait for it), nor if the in-process layer holds a
+    stale entry (the flow decides what to do with it)."""
+    cache = impl.cache
+    position = cache.fast_shared
+    if position is None or in_flight:
+        return None
+    in_memory = None
+    if position != 0 and cache.memory is not None:
+        in_memory = cache.memory.get_with_lease(req.key, req.tags)
+        if in_memory[0] is not None:
+            return None
+    return position, cache.guards[req.storage[position]], in_memory
 
 
 def shared_hit(
@@ -173,23 +183,16 @@ async def amiss(
     cache = impl.cache
     req = impl.request(tenant, alias, args, kwargs)
     cache.notifier()
-    position = cache.fast_shared
-    if position is not None and not cache.async_singleflight.in_flight(req.key.full):
-        in_memory = None if position == 0 else cache.memory.get_with_lease(req.key, req.tags)  # type: ignore[union-attr]
-        if in_memory is None or in_memory[0] is None:
-            guard = cache.guards[req.storage[position]]
-            layer = guard.layer
-            stored = await guard.acall(
-                "get",
-                impl.name,
-                req.counters,
-                lambda: layer.aget(req.key),
-                _FAILED,
-                failed=req.failed,
-            )
-            found = shared_hit(impl, req, position, in_memory, stored, True)
-            if found is not MISSING:
-                return found
+    target = shortcut(impl, req, cache.async_singleflight.in_flight(req.key.full))
+    if target is not None:
+        position, guard, in_memory = target
+        layer = guard.layer
+        stored = await guard.acall(
+            "get", impl.name, req.counters, lambda: layer.aget(req.key), _FAILED, req.failed
+        )
+        found = shared_hit(impl, req, position, in_memory, stored, True)
+        if found is not MISSING:
+            return found
     runner = cache.async_runner
     return await cache.async_singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
 
