@@ -182,3 +182,33 @@ async def test_a_load_past_its_soft_timeout_is_still_stopped_at_the_hard_timeout
         assert await price(1) == 1  # stale at the soft timeout
     await asyncio.wait_for(cancelled.wait(), 2)  # and the load ends at the hard one
     await cache.aclose()
+
+
+@pytest.mark.redis
+async def test_flaky_layer_degrades_a_shared_layer_to_the_loader(redis_url: str) -> None:
+    """tieredcache.testing.FlakyLayer: while it fails, calls still succeed via the loader."""
+    from tieredcache.testing import FlakyLayer
+
+    flaky = FlakyLayer(RedisLayer(url=redis_url))
+    cache = TieredCache("paths", [MemoryLayer(), flaky], broadcast=False, breaker_failures=100)
+    calls = 0
+
+    @cache.cached(ttl=60)
+    async def value(item: int) -> int:
+        nonlocal calls
+        calls += 1
+        return item
+
+    with tenant_scope("acme"):
+        flaky.failing = True
+        assert await value(1) == 1
+        assert cache.memory is not None
+        cache.memory.clear()
+        flaky.failing = False
+        assert await value(1) == 1
+        assert calls == 2  # nothing reached Redis while it failed
+        cache.memory.clear()
+        assert await value(1) == 1
+        assert calls == 2  # now it did
+    assert cache.stats().layers["redis"].errors >= 1
+    await cache.aclose()

@@ -91,14 +91,26 @@ class FlakyLayer:
     def close(self) -> None:
         self.inner.close()
 
+    def lease(self, key: CacheKey, tags: Sequence[Tag]) -> Any:
+        self._check("lease")
+        return self.inner.lease(key, tags)
+
     async def aget(self, key: CacheKey) -> Any:
-        return self.get(key)
+        self._check("get")
+        return await self.inner.aget(key)
 
     async def aget_many(self, keys: Sequence[CacheKey]) -> list[Any]:
-        return self.get_many(keys)
+        self._check("get_many")
+        return list(await self.inner.aget_many(keys))
 
     async def aget_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Any, Any]:
-        return self.get_with_lease(key, tags)
+        self._check("get")
+        value, lease = await self.inner.aget_with_lease(key, tags)
+        return value, lease
+
+    async def alease(self, key: CacheKey, tags: Sequence[Tag]) -> Any:
+        self._check("lease")
+        return await self.inner.alease(key, tags)
 
     async def aset(
         self,
@@ -109,13 +121,16 @@ class FlakyLayer:
         lease: Any = None,
         bump: bool = False,
     ) -> bool:
-        return self.set(key, value, entry, tags, lease, bump)
+        self._check("set")
+        return bool(await self.inner.aset(key, value, entry, tags, lease, bump))
 
     async def adelete(self, keys: Sequence[CacheKey]) -> None:
-        self.delete(keys)
+        self._check("delete")
+        await self.inner.adelete(keys)
 
     async def adelete_tags(self, tags: Sequence[Tag]) -> None:
-        self.delete_tags(tags)
+        self._check("delete_tags")
+        await self.inner.adelete_tags(tags)
 
     async def aclose(self) -> None:
-        self.close()
+        await self.inner.aclose()
