@@ -216,10 +216,6 @@ class Notifier:
             if waiter.refs <= 0 and self._waiters.get(full_key) is waiter:
                 del self._waiters[full_key]
 
-    def waiting(self) -> int:
-        """How many keys have waiters (for tests and metrics)."""
-        return len(self._waiters)
-
     def encode_invalidation(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bytes:
         message = InvalidationMessage(self.origin, [k.full for k in keys], [t.full for t in tags])
         return msgspec.json.encode(message)

@@ -23,13 +23,3 @@ class Entry:
     fresh_until: float
     stale_until: float
     compute_time: float = 0.0
-
-    def is_fresh(self, now: float) -> bool:
-        return now < self.fresh_until
-
-    def is_servable_stale(self, now: float) -> bool:
-        return now < self.stale_until
-
-    def remaining_ttl(self, now: float) -> float:
-        """Seconds a layer should keep the entry (until ``stale_until``)."""
-        return self.stale_until - now

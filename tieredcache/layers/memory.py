@@ -104,15 +104,6 @@ class MemoryLayer:
         )
         self._watermark = 0
 
-    # -- hot path -------------------------------------------------------------
-    def lookup(self, alias: Hashable) -> Entry | None:
-        """The entry stored under ``alias`` without expiry checks (the caller checks)."""
-        slot = self._fast.get(alias)
-        if slot is None:
-            return None
-        self._recent.append(alias)
-        return slot.entry
-
     # -- index upkeep (lock held) --------------------------------------------
     def _replay_recent(self) -> None:
         recent, data = self._recent, self._data
@@ -257,16 +248,6 @@ class MemoryLayer:
                 self._mark_invalidated("t:" + tag.full)
                 for full_key in self._by_tag.pop(tag.full, set()).copy():
                     self._drop_full_key(full_key)
-
-    def delete_tenant(self, namespace: str, tenant: str) -> int:
-        """Drop every entry of one tenant in one namespace (e.g. on off-boarding)."""
-        prefix = f"{namespace}:{tenant}:"
-        with self.lock:
-            doomed = [k for k in self._by_key if k.startswith(prefix)]
-            for full_key in doomed:
-                self._mark_invalidated("k:" + full_key)
-                self._drop_full_key(full_key)
-        return len(doomed)
 
     def clear(self) -> None:
         with self.lock:
