@@ -52,7 +52,9 @@ class RedisLayer:
     cache's circuit breaker decides when to try again. ``tenant_slots``
     spreads one tenant over that many hash slots (default 1 standalone, 16 on a
     cluster). ``lease_ttl`` is how long an invalidation is remembered to refuse
-    a stale fill, so it must exceed your slowest loader.
+    a stale fill, so it must exceed your slowest loader. With ``auto_pipeline``
+    (async only), reads and fills issued by concurrent tasks while Redis is
+    busy leave together as one pipeline: one round trip for many callers.
     """
 
     stores_objects = False
@@ -72,6 +74,7 @@ class RedisLayer:
         lease_ttl: float = 600.0,
         max_connections: int = 256,
         pool_timeout: float = 1.0,
+        auto_pipeline: bool = True,
         timer: Callable[[], float] = time.time,
     ) -> None:
         given = sum(x is not None for x in (url, cluster_nodes, client))
@@ -97,11 +100,15 @@ class RedisLayer:
         self._timeouts = (socket_timeout, connect_timeout)
         self._max_connections = max_connections
         self._pool_timeout = pool_timeout
+        self.auto_pipeline = auto_pipeline
         self._client = client
         self._async_client_factory = async_client_factory
         self._sync_store: RedisStore | None = None
         self._async_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisStore]
         self._async_stores = weakref.WeakKeyDictionary()
+        # The last loop's store, for the common one-loop case (a strong reference to
+        # at most one loop, dropped when that loop's store is closed).
+        self._last_async: tuple[asyncio.AbstractEventLoop, AsyncRedisStore] | None = None
         self._lock = threading.Lock()
 
     # -- clients ---------------------------------------------------------------
@@ -164,6 +171,9 @@ class RedisLayer:
 
     def async_store(self) -> AsyncRedisStore:
         loop = asyncio.get_running_loop()
+        last = self._last_async
+        if last is not None and last[0] is loop:  # one loop is the common case
+            return last[1]
         store = self._async_stores.get(loop)
         if store is None:
             _import_redis()
@@ -178,6 +188,10 @@ class RedisLayer:
                 )
             else:
                 client = self._build(True)
+            if self.auto_pipeline:
+                from .autopipeline import AutoPipeline
+
+                client = AutoPipeline(client)
             store = AsyncRedisStore(
                 client,
                 cluster=self.cluster,
@@ -186,6 +200,7 @@ class RedisLayer:
                 gen_px=int(self.lease_ttl * 1000),
             )
             self._async_stores[loop] = store
+        self._last_async = (loop, store)
         return store
 
     # -- leases and TTLs -----------------------------------------------------
@@ -322,6 +337,8 @@ class RedisLayer:
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
         store = self._async_stores.pop(loop, None)
+        if self._last_async is not None and self._last_async[0] is loop:
+            self._last_async = None
         if store is not None:
             await store.close()
         self.close()
