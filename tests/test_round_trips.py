@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
+from tieredcache.keys import CacheKey
 
 
 class CommandCounter:
@@ -77,3 +79,32 @@ def test_without_the_fill_lock_a_miss_takes_its_lease_with_one_mget(redis_url: s
         assert load(1) == 1
         assert counter.take() == ["GET", "MGET", "EVALSHA"]
     cache.close()
+
+
+def test_only_a_fill_somebody_waits_for_is_published(redis_url: str) -> None:
+    layer = RedisLayer(url=redis_url, key_prefix="pubrt")
+    listener = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(layer.keyspace.fills_channel("rt"))
+    listener.get_message(timeout=1.0)  # the subscription confirmation
+
+    def published() -> list[bytes]:
+        out = []
+        while (message := listener.get_message(timeout=0.2)) is not None:
+            out.append(message["data"])
+        return out
+
+    key = CacheKey("rt", "acme", "f:k1")
+    got, _ = layer.acquire_fill_lock(key, [], "owner-1", 5.0)
+    assert got
+    assert layer.release_fill_lock(key, "owner-1")
+    assert published() == []  # nobody waited: no message for every replica to read
+
+    got, _ = layer.acquire_fill_lock(key, [], "owner-2", 5.0)
+    assert got
+    assert layer.watch_fill_lock(key, 2.0)  # a waiter marks its interest
+    assert not layer.release_fill_lock(key, "someone-else")  # not the owner: kept
+    assert layer.release_fill_lock(key, "owner-2")
+    assert published() == [key.full.encode()]
+    assert not layer.watch_fill_lock(key, 2.0)  # released: nothing to wait for
+    listener.close()
+    layer.close()

@@ -5,8 +5,10 @@ One daemon thread per cache subscribes to two channels of its namespace:
 - ``{prefix}:inval:{namespace}``: JSON ``{"o": origin, "k": [keys], "t": [tags]}``.
   Every replica drops those keys and tags from its in-process layers. The CDC
   worker publishes the same messages.
-- ``{prefix}:fills:{namespace}``: a full key, published when a fill lock is
-  released; processes waiting for that fill wake up instead of polling.
+- ``{prefix}:fills:{namespace}``: a full key, published when a fill lock that
+  a process marked as waited for is released; the waiting processes wake up
+  instead of polling. Fills nobody waits for are not published, so the traffic
+  on this channel is the contended fills, not every fill.
 
 The subscriber starts on first use; that request waits for it at most as long
 as Redis may take to connect. Invalidations from other replicas can be missed

@@ -342,7 +342,7 @@ class SyncRunner:
                 "lock",
                 req.function,
                 req.counters,
-                lambda: layer.fill_lock_held(req.key),
+                lambda: layer.watch_fill_lock(req.key, op.timeout),
                 False,
                 failed=req.failed,
             )
@@ -472,7 +472,7 @@ class AsyncRunner:
                 "lock",
                 req.function,
                 req.counters,
-                lambda: layer.afill_lock_held(req.key),
+                lambda: layer.awatch_fill_lock(req.key, op.timeout),
                 False,
                 failed=req.failed,
             )

@@ -247,6 +247,12 @@ class RedisLayer:
     def fill_lock_held(self, key: CacheKey) -> bool:
         return self.sync_store().lock_held(key)
 
+    def watch_fill_lock(self, key: CacheKey, wait: float) -> bool:
+        """Whether the fill lock of ``key`` is held; if so, its release is published
+        (on the fills channel) to the processes waiting for it, for ``wait`` seconds.
+        Fills nobody waits for are not published."""
+        return self.sync_store().watch_lock(key, max(1, int(wait * 1000)))
+
     def set(
         self,
         key: CacheKey,
@@ -308,6 +314,9 @@ class RedisLayer:
 
     async def afill_lock_held(self, key: CacheKey) -> bool:
         return await self.async_store().lock_held(key)
+
+    async def awatch_fill_lock(self, key: CacheKey, wait: float) -> bool:
+        return await self.async_store().watch_lock(key, max(1, int(wait * 1000)))
 
     async def aset(
         self,

@@ -39,8 +39,9 @@ end
 # longer belongs to, so deleting an old tag never takes a newer value with it.
 # A write (bump=1) also bumps the key generation, so fills that started before it
 # are refused afterwards. With an unlock token, the fill lock is released in the
-# same round trip (whether or not the fill was accepted) and waiters are woken.
-# KEYS: value, key-gen, key-tags, lock, tag-set x n, tag-gen x n
+# same round trip (whether or not the fill was accepted) and, if a process marked
+# that it waits for it (WATCH_LUA), the release is published to wake it.
+# KEYS: value, key-gen, key-tags, lock, wait-mark, tag-set x n, tag-gen x n
 # ARGV: payload, px, n, check(0/1), tag-set px, bump(0/1), gen px,
 #       unlock token ('' = none), channel, message, expected key-gen, expected tag-gen x n
 FILL_LUA = (
@@ -50,17 +51,17 @@ local n = tonumber(ARGV[3])
 local function release()
   if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) == ARGV[8] then
     redis.call('DEL', KEYS[4])
-    redis.call('PUBLISH', ARGV[9], ARGV[10])
+    if redis.call('DEL', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
   end
 end
 if ARGV[4] == '1' then
   if (redis.call('GET', KEYS[2]) or '') ~= ARGV[11] then release() return 0 end
   for i = 1, n do
-    if (redis.call('GET', KEYS[4 + n + i]) or '') ~= ARGV[11 + i] then release() return 0 end
+    if (redis.call('GET', KEYS[5 + n + i]) or '') ~= ARGV[11 + i] then release() return 0 end
   end
 end
 local wanted = {}
-for i = 1, n do wanted[KEYS[4 + i]] = true end
+for i = 1, n do wanted[KEYS[5 + i]] = true end
 for _, old in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   if not wanted[old] then redis.call('SREM', old, KEYS[1]) end
 end
@@ -69,9 +70,9 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[6] == '1' then bump(KEYS[2], ARGV[7]) end
 local tag_px = tonumber(ARGV[5])
 for i = 1, n do
-  redis.call('SADD', KEYS[4 + i], KEYS[1])
-  if redis.call('PTTL', KEYS[4 + i]) < tag_px then redis.call('PEXPIRE', KEYS[4 + i], tag_px) end
-  redis.call('SADD', KEYS[3], KEYS[4 + i])
+  redis.call('SADD', KEYS[5 + i], KEYS[1])
+  if redis.call('PTTL', KEYS[5 + i]) < tag_px then redis.call('PEXPIRE', KEYS[5 + i], tag_px) end
+  redis.call('SADD', KEYS[3], KEYS[5 + i])
 end
 if n > 0 then redis.call('PEXPIRE', KEYS[3], tag_px) end
 release()
@@ -133,15 +134,27 @@ return dropped
 """
 )
 
-# Compare-and-delete release of a fill lock, waking waiters through pub/sub.
-# KEYS: lock   ARGV: token, channel, message
+# Compare-and-delete release of a fill lock, waking waiters (if any) through pub/sub.
+# KEYS: lock, wait-mark   ARGV: token, channel, message
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
   return 1
 end
 return 0
+"""
+
+# A process about to wait for a fill lock: if the lock is held, leave a mark so its
+# release is published (no waiter, no message: fills are not broadcast to every
+# process). The waiter subscribes before it calls this, so no release is missed.
+# KEYS: lock, wait-mark   ARGV: px (how long the waiter waits)
+WATCH_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+end
+return 1
 """
 
 
@@ -171,6 +184,7 @@ class RedisStore:
         self._delete_keys = client.register_script(DELETE_KEYS_LUA)
         self._delete_tags = client.register_script(DELETE_TAGS_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._watch = client.register_script(WATCH_LUA)
 
     def get(self, key: CacheKey) -> bytes | None:
         """A plain GET: a hit costs what a raw GET costs."""
@@ -244,6 +258,7 @@ class RedisStore:
             f"{slot}:gk:{key.body}",
             f"{slot}:kt:{key.body}",
             f"{slot}:l:{key.body}",
+            f"{slot}:w:{key.body}",
             *tag_sets,
             *tag_gens,
         ]
@@ -291,8 +306,10 @@ class RedisStore:
     def release_lock(self, key: CacheKey, token: str) -> bool:
         channel = self.keyspace.fills_channel(key.namespace)
         try:
+            slot = self.keyspace.slot_of(key)
             released = self._release(
-                keys=[self.keyspace.lock(key)], args=[token, channel, key.full]
+                keys=[f"{slot}:l:{key.body}", f"{slot}:w:{key.body}"],
+                args=[token, channel, key.full],
             )
         except ERRORS as exc:
             raise translate(self.layer, "unlock", exc) from exc
@@ -303,6 +320,17 @@ class RedisStore:
             return bool(self.client.exists(self.keyspace.lock(key)))
         except ERRORS as exc:
             raise translate(self.layer, "lock", exc) from exc
+
+    def watch_lock(self, key: CacheKey, px: int) -> bool:
+        """Whether the fill lock is held; if so, its release is published for ``px`` ms."""
+        slot = self.keyspace.slot_of(key)
+        try:
+            held = self._watch(
+                keys=[f"{slot}:l:{key.body}", f"{slot}:w:{key.body}"], args=[px]
+            )
+        except ERRORS as exc:
+            raise translate(self.layer, "lock", exc) from exc
+        return bool(held)
 
     def publish(self, channel: str, message: bytes) -> None:
         try:
