@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import typing
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from .policy import Policy
 
 __all__ = ["CachedImpl", "cached_impl"]
+
+_alias_ids = itertools.count()
 
 
 def _return_type(func: Callable[..., Any]) -> Any:
@@ -52,6 +55,9 @@ class CachedImpl:
         self.policy = policy
         self.func = func
         self.name = name or f"{func.__module__}.{func.__qualname__}"
+        # First item of this function's in-process aliases: a string, so an alias of
+        # plain arguments holds no object the garbage collector has to track.
+        self.alias_id = f"{self.name}#{next(_alias_ids)}"
         self.builder = FunctionKeyBuilder(
             func, name=self.name, version=version, ignore=ignore, tenant_param=tenant_param
         )

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 __all__ = ["Entry"]
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(msgspec.Struct, gc=False):
     """A value with its timeline, in wall-clock seconds (shared across processes).
 
     ``fresh_until``: served as a hit before this. ``stale_until``: kept after
     ``fresh_until`` so it can be served stale (stale-while-revalidate,
     fail-safe) until this; the layers drop it then. ``compute_time``: how long
     the loader took, for XFetch early recomputation.
+
+    Not tracked by the garbage collector (``gc=False``): an in-process layer
+    holds one per entry, and every full collection would walk them all. An
+    entry references its value and floats only, and nothing the cache hands out
+    references an entry, so it cannot be part of a reference cycle.
     """
 
     value: Any

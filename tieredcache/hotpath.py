@@ -34,10 +34,10 @@ def make_alias(
     """The in-process lookup key of a call; the wrappers inline the same expressions."""
     if kwargs:
         named = tuple(sorted((k, v, type(v)) for k, v in kwargs.items()))
-        return (impl, tenant, args, *map(type, args), named)
+        return (impl.alias_id, tenant, args, *map(type, args), named)
     if len(args) == 1:
-        return (impl, tenant, args, type(args[0]))
-    return (impl, tenant, args, *map(type, args))
+        return (impl.alias_id, tenant, args, type(args[0]))
+    return (impl.alias_id, tenant, args, *map(type, args))
 
 
 _CONTAINERS = (tuple, frozenset)
@@ -222,6 +222,7 @@ def hot_locals(impl: CachedImpl) -> tuple[Any, ...]:
 def sync_wrapper(impl: CachedImpl) -> Any:
     tenant_var_get = _tenant_var.get
     fast_get, remember = hot_locals(impl)
+    alias_id = impl.alias_id
     clock = impl.cache.clock
     counters_get = impl.counters.get
     hit_index = impl.hit_index
@@ -247,9 +248,9 @@ def sync_wrapper(impl: CachedImpl) -> Any:
         if kwargs:
             alias = make_alias(impl, tenant, args, kwargs)
         elif len(args) == 1:
-            alias = (impl, tenant, args, type(args[0]))
+            alias = (alias_id, tenant, args, type(args[0]))
         else:
-            alias = (impl, tenant, args, *map(type, args))
+            alias = (alias_id, tenant, args, *map(type, args))
         try:
             slot = fast_get(alias)
         except TypeError:  # unhashable arguments: the slow path keys by string
@@ -271,6 +272,7 @@ def sync_wrapper(impl: CachedImpl) -> Any:
 def async_wrapper(impl: CachedImpl) -> Any:
     tenant_var_get = _tenant_var.get
     fast_get, remember = hot_locals(impl)
+    alias_id = impl.alias_id
     clock = impl.cache.clock
     counters_get = impl.counters.get
     hit_index = impl.hit_index
@@ -296,9 +298,9 @@ def async_wrapper(impl: CachedImpl) -> Any:
         if kwargs:
             alias = make_alias(impl, tenant, args, kwargs)
         elif len(args) == 1:
-            alias = (impl, tenant, args, type(args[0]))
+            alias = (alias_id, tenant, args, type(args[0]))
         else:
-            alias = (impl, tenant, args, *map(type, args))
+            alias = (alias_id, tenant, args, *map(type, args))
         try:
             slot = fast_get(alias)
         except TypeError:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import cachetools
+import msgspec
 
 from ..entry import Entry
 from ..errors import ConfigurationError
@@ -31,21 +32,25 @@ from ..keys import CacheKey, Tag
 __all__ = ["MemoryLayer"]
 
 
-class _Slot:
-    """One stored entry; ``value`` and ``refresh_at`` are copied out for the hot path."""
+class _Slot(msgspec.Struct, gc=False):
+    """One stored entry; ``value`` and ``refresh_at`` are copied out for the hot path.
 
-    __slots__ = ("entry", "full_key", "refresh_at", "tags", "value")
+    ``refresh_at``: before this a hit needs no further thought; after it the
+    caller checks for expiry and early refresh. Untracked by the garbage
+    collector, like :class:`~tieredcache.entry.Entry`, and for the same reason.
+    """
 
-    def __init__(
-        self, entry: Entry, full_key: str, tags: tuple[str, ...], refresh_at: float
-    ) -> None:
-        self.entry = entry
-        self.value = entry.value
-        self.full_key = full_key
-        self.tags = tags
-        # Before this a hit needs no further thought; after it the caller checks for
-        # expiry and early refresh.
-        self.refresh_at = min(refresh_at, entry.fresh_until)
+    entry: Entry
+    value: Any
+    full_key: str
+    tags: tuple[str, ...]
+    refresh_at: float
+
+
+def _each(aliases: Any) -> Any:
+    """The aliases of a key: most keys have one, stored bare (a set per key would be
+    one more object for every full garbage collection to walk)."""
+    return aliases if type(aliases) is set else (aliases,)
 
 
 class _IndexedLRU(cachetools.LRUCache[Hashable, _Slot]):
@@ -94,7 +99,7 @@ class MemoryLayer:
         self._data = _IndexedLRU(maxsize, self._evicted)
         self._fast: dict[Hashable, _Slot] = {}  # lock-free read mirror of _data
         self._recent: deque[Hashable] = deque(maxlen=recency_buffer)
-        self._by_key: dict[str, set[Hashable]] = {}
+        self._by_key: dict[str, Any] = {}  # full key -> its alias, or a set of aliases
         self._by_tag: dict[str, set[str]] = {}
         # Lease bookkeeping: a sequence number bumped by every invalidation, and the
         # number at which each recently invalidated key/tag was last invalidated.
@@ -119,21 +124,27 @@ class MemoryLayer:
 
     def _unindex(self, alias: Hashable, slot: _Slot) -> None:
         aliases = self._by_key.get(slot.full_key)
-        if aliases is not None:
+        if aliases is None:
+            return
+        if type(aliases) is set:
             aliases.discard(alias)
-            if not aliases:
-                del self._by_key[slot.full_key]
-                for tag in slot.tags:
-                    members = self._by_tag.get(tag)
-                    if members is not None:
-                        members.discard(slot.full_key)
-                        if not members:
-                            del self._by_tag[tag]
+            if aliases:
+                return
+        elif aliases != alias:
+            return
+        del self._by_key[slot.full_key]
+        for tag in slot.tags:
+            members = self._by_tag.get(tag)
+            if members is not None:
+                members.discard(slot.full_key)
+                if not members:
+                    del self._by_tag[tag]
 
     def _drop_full_key(self, full_key: str) -> int:
         aliases = self._by_key.pop(full_key, None)
-        if not aliases:
+        if aliases is None:
             return 0
+        aliases = _each(aliases)
         tags: tuple[str, ...] = ()
         for alias in aliases:
             self._fast.pop(alias, None)
@@ -168,9 +179,9 @@ class MemoryLayer:
         now = self.timer()
         with self.lock:
             aliases = self._by_key.get(key.full)
-            if not aliases:
+            if aliases is None:
                 return None
-            for alias in aliases:
+            for alias in _each(aliases):
                 slot = self._fast.get(alias)
                 if slot is not None:
                     if slot.entry.stale_until <= now:
@@ -226,12 +237,17 @@ class MemoryLayer:
                 self._drop_full_key(old.full_key)
             self._drop_full_key(full)
             self._replay_recent()
-            slot = _Slot(
-                entry, full, tag_names, entry.fresh_until if refresh_at is None else refresh_at
-            )
+            refresh_at = entry.fresh_until if refresh_at is None else refresh_at
+            slot = _Slot(entry, entry.value, full, tag_names, min(refresh_at, entry.fresh_until))
             self._data[alias] = slot  # may evict the least recently used entries first
             self._fast[alias] = slot
-            self._by_key.setdefault(full, set()).add(alias)
+            aliases = self._by_key.get(full)
+            if aliases is None:
+                self._by_key[full] = alias
+            elif type(aliases) is set:
+                aliases.add(alias)
+            elif aliases != alias:
+                self._by_key[full] = {aliases, alias}
             for tag in tag_names:
                 self._by_tag.setdefault(tag, set()).add(full)
         return True
