@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -39,6 +41,26 @@ from .ops import (
     make_entry,
     xfetch_due,
 )
+
+# Fill-lock owner tokens: unique, not secret (a token only lets its holder release
+# its own lock). A random per-process prefix and a counter cost a fraction of a
+# urandom call; a forked child draws a new prefix.
+_token_prefix = secrets.token_hex(8)
+_token_counter = itertools.count()
+
+
+def _new_token_prefix() -> None:
+    global _token_prefix, _token_counter
+    _token_prefix = secrets.token_hex(8)
+    _token_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_token_prefix)
+
+
+def fill_token() -> str:
+    """A fill-lock owner token no other caller, thread or process holds."""
+    return f"{_token_prefix}{next(_token_counter):x}"
 
 
 def _walk(req: ReadRequest, leases: list[Any]) -> Generator[Op, Any, tuple[bool, Any]]:
@@ -123,7 +145,7 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
     token: str | None = None
     lock_layer = req.lock_layer
     if lock_layer is not None and policy.lock:
-        token = secrets.token_hex(12)
+        token = fill_token()
         position = req.storage.index(lock_layer)
         got, lease = yield Lock(lock_layer, token, policy.lock_ttl)
         if got is False:
@@ -274,7 +296,7 @@ def refresh_flow(req: ReadRequest, use_lock: bool = True, seen: float | None = N
             return entry.value
     token: str | None = None
     if use_lock and req.lock_layer is not None and req.policy.lock:
-        token = secrets.token_hex(12)
+        token = fill_token()
         got, lease = yield Lock(req.lock_layer, token, req.policy.lock_ttl)
         if got is False:
             return None  # another process is refreshing this key right now

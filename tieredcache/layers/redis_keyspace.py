@@ -65,6 +65,8 @@ class RedisKeyspace:
 
     def tag_names_in(self, slot: str, tags: Sequence[Tag]) -> tuple[list[str], list[str]]:
         """Tag-set names and tag-generation names of ``tags`` within one slot."""
+        if not tags:
+            return [], []
         return [f"{slot}:t:{t.name}" for t in tags], [f"{slot}:gt:{t.name}" for t in tags]
 
     def key_groups(self, keys: Sequence[CacheKey]) -> list[tuple[list[str], list[str], list[str]]]:
