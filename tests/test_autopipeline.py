@@ -1,16 +1,26 @@
-"""Automatic pipelining of the async Redis client, against real Redis and Redis Cluster."""
+"""Batched Redis I/O of the async layer, against real Redis and Redis Cluster.
+
+Two paths: the multiplexed connection (standalone Redis over TCP or a Unix
+socket) and redis-py pipelines gathered per loop turn (Redis Cluster, TLS, or
+``multiplex=False``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache.layers.autopipeline import AutoPipeline
+from tieredcache.layers.multiplex import MultiplexedConnection
 
 pytestmark = pytest.mark.redis
 
@@ -21,7 +31,22 @@ def _pipeline_of(layer: RedisLayer) -> AutoPipeline:
     return client
 
 
-async def test_concurrent_misses_share_round_trips(redis_url: str) -> None:
+@pytest.fixture(params=["multiplexed", "pipelined"])
+async def pipeline(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[AutoPipeline]:
+    multiplex = request.param == "multiplexed"
+    wrapped = AutoPipeline(redis.asyncio.Redis.from_url(redis_url), multiplex=multiplex)
+    assert (wrapped.multiplexed is not None) is multiplex
+    yield wrapped
+    await wrapped.aclose()
+
+
+def _writes(pipeline: AutoPipeline) -> int:
+    if pipeline.multiplexed is not None:
+        return pipeline.multiplexed.writes
+    return pipeline.batches
+
+
+async def test_concurrent_misses_share_writes(redis_url: str) -> None:
     memory = MemoryLayer()
     layer = RedisLayer(url=redis_url, key_prefix="ap1")
     cache = TieredCache("ap", [memory, layer], broadcast=False)
@@ -34,26 +59,31 @@ async def test_concurrent_misses_share_round_trips(redis_url: str) -> None:
         return {"n": n}
 
     with tenant_scope("acme"):
-        assert await item(-1) == {"n": -1}  # alone: sent at once, nothing batched
-        pipeline = _pipeline_of(layer)
-        assert pipeline.batches == 0
+        assert await item(-2) == {"n": -2}  # connects, loads the scripts
+        connection = _pipeline_of(layer).multiplexed
+        assert connection is not None
+        commands, writes = connection.commands, connection.writes
+        assert await item(-1) == {"n": -1}  # alone: each command written at once
+        assert (connection.commands - commands, connection.writes - writes) == (2, 2)
+        commands, writes = connection.commands, connection.writes
         results = await asyncio.gather(*(item(n) for n in range(300)))
         assert results == [{"n": n} for n in range(300)]
-        assert sorted(loads) == [-1, *range(300)]
-        # 300 misses are 900 commands (GET, lock, fill); they left in far fewer writes
-        assert pipeline.batched >= 800
-        assert pipeline.batches * 8 <= pipeline.batched
+        assert sorted(loads) == [-2, -1, *range(300)]
+        # 300 misses are 600 commands (read-or-lock, fill); they left in a few writes
+        assert connection.commands - commands == 600
+        assert connection.writes - writes <= 12
         memory.clear()
         again = await asyncio.gather(*(item(n) for n in range(300)))
         assert again == results
-        assert len(loads) == 301  # every value came back from Redis, none reloaded
+        assert len(loads) == 302  # every value came back from Redis, none reloaded
     await cache.aclose()
 
 
-async def test_an_error_reply_fails_only_its_own_command(redis_url: str) -> None:
-    pipeline = AutoPipeline(redis.asyncio.Redis.from_url(redis_url))
+async def test_an_error_reply_fails_only_its_own_command(pipeline: AutoPipeline) -> None:
     await pipeline.client.set("ap:a", b"1")
     await pipeline.client.set("ap:b", b"2")
+    await pipeline.get("ap:a")  # connected
+    before = _writes(pipeline)
     first, bad, second = await asyncio.gather(
         pipeline.get("ap:a"),
         pipeline.evalsha("0" * 40, 0),
@@ -62,12 +92,10 @@ async def test_an_error_reply_fails_only_its_own_command(redis_url: str) -> None
     )
     assert (first, second) == (b"1", b"2")
     assert isinstance(bad, redis.exceptions.NoScriptError)
-    assert pipeline.batches == 1  # the first went alone, the other two together
-    await pipeline.aclose()
+    assert _writes(pipeline) - before == (2 if pipeline.multiplexed else 1)  # last two together
 
 
-async def test_flushed_scripts_are_loaded_once_for_a_whole_batch(redis_url: str) -> None:
-    pipeline = AutoPipeline(redis.asyncio.Redis.from_url(redis_url))
+async def test_flushed_scripts_are_loaded_once_for_a_whole_batch(pipeline: AutoPipeline) -> None:
     script = pipeline.register_script("return tonumber(ARGV[1]) * 2")
     loads = 0
     original = pipeline.client.script_load
@@ -82,33 +110,40 @@ async def test_flushed_scripts_are_loaded_once_for_a_whole_batch(redis_url: str)
     results = await asyncio.gather(*(script(args=[n]) for n in range(50)))
     assert results == [2 * n for n in range(50)]
     assert loads == 1
-    await pipeline.aclose()
 
 
-async def test_a_cancelled_caller_does_not_disturb_the_others(redis_url: str) -> None:
-    pipeline = AutoPipeline(redis.asyncio.Redis.from_url(redis_url))
+async def test_a_cancelled_caller_does_not_disturb_the_others(pipeline: AutoPipeline) -> None:
     await pipeline.client.mset({f"ap:c{n}": n for n in range(5)})
-    tasks = [asyncio.create_task(pipeline.get(f"ap:c{n}")) for n in range(5)]
+
+    async def get(n: int) -> Any:
+        return await pipeline.get(f"ap:c{n}")
+
+    tasks = [asyncio.create_task(get(n)) for n in range(5)]
     await asyncio.sleep(0)  # the first is on its way, the others queued
     tasks[2].cancel()
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done[2], asyncio.CancelledError)
     assert [done[n] for n in (0, 1, 3, 4)] == [b"0", b"1", b"3", b"4"]
-    assert pipeline._busy == 0 and not pipeline._queue
-    await pipeline.aclose()
+    assert await pipeline.get("ap:c4") == b"4"  # the stream is still in step
+    if pipeline.multiplexed is None:
+        assert pipeline._busy == 0 and not pipeline._queue
 
 
-async def test_a_dead_server_fails_every_queued_caller_and_leaks_nothing(
-    unused_tcp_port: int,
-) -> None:
-    client = redis.asyncio.Redis(port=unused_tcp_port, socket_connect_timeout=0.2)
-    pipeline = AutoPipeline(client)
-    results = await asyncio.gather(
-        *(pipeline.get(f"k{n}") for n in range(20)), return_exceptions=True
-    )
-    assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
-    assert pipeline._busy == 0 and not pipeline._queue
-    await pipeline.aclose()
+async def test_a_dead_server_fails_every_caller_and_leaks_nothing(unused_tcp_port: int) -> None:
+    for multiplex in (True, False):
+        client = redis.asyncio.Redis(
+            port=unused_tcp_port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+        )
+        pipeline = AutoPipeline(client, multiplex=multiplex)
+        results = await asyncio.gather(
+            *(pipeline.get(f"k{n}") for n in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
+        if pipeline.multiplexed is not None:
+            assert not pipeline.multiplexed._buffer and pipeline.multiplexed._connecting is None
+        else:
+            assert pipeline._busy == 0 and not pipeline._queue
+        await pipeline.aclose()
 
 
 async def test_a_redis_outage_under_load_is_served_by_the_loader(unused_tcp_port: int) -> None:
@@ -123,6 +158,70 @@ async def test_a_redis_outage_under_load_is_served_by_the_loader(unused_tcp_port
         assert await asyncio.gather(*(item(n) for n in range(100))) == list(range(100))
     assert cache.stats().layers["redis"].errors > 0
     await cache.aclose()
+
+
+async def test_the_multiplexed_connection_comes_back_after_a_restart(
+    fresh_redis_server: Any,
+) -> None:
+    port = int(fresh_redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    connection = MultiplexedConnection(port=port)
+    assert await connection.execute("SET", "k", "v") == b"OK"
+    fresh_redis_server.kill()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await connection.execute("GET", "k")
+    fresh_redis_server.restart()
+    assert await connection.execute("PING") == b"PONG"  # reconnected by itself
+    await connection.aclose()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await connection.execute("PING")  # closed for good
+
+
+async def test_a_silent_server_times_out_and_the_next_request_reconnects() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+    answer = False
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        while data := await reader.read(1024):
+            if answer:
+                writer.write(b"+PONG\r\n" * data.count(b"PING"))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = MultiplexedConnection(port=port, timeout=0.2)
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(connection.execute("PING") for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, redis.exceptions.TimeoutError) for r in results), results
+    assert 0.15 < time.monotonic() - started < 1.0
+    answer = True
+    assert await connection.execute("PING") == b"PONG"
+    assert len(accepted) == 2  # the timed-out connection was dropped, a new one made
+    await connection.aclose()
+    for writer in accepted:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_auth_and_db_selection(fresh_redis_server: Any) -> None:
+    host_port = fresh_redis_server.url.split("//", 1)[1].split("/", 1)[0]
+    setup = redis.asyncio.Redis.from_url(fresh_redis_server.url)
+    await setup.config_set("requirepass", "s3cret")
+    await setup.aclose()
+    admin = redis.asyncio.Redis.from_url(f"redis://:s3cret@{host_port}/3")
+    client = redis.asyncio.Redis.from_url(f"redis://:s3cret@{host_port}/3")
+    pipeline = AutoPipeline(client)
+    assert pipeline.multiplexed is not None
+    await admin.set("in-db-3", b"yes")
+    assert await pipeline.get("in-db-3") == b"yes"
+    wrong = AutoPipeline(redis.asyncio.Redis.from_url(f"redis://:nope@{host_port}/3"))
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        await wrong.get("in-db-3")
+    await pipeline.aclose()
+    await wrong.aclose()
+    await admin.aclose()
 
 
 @pytest.mark.cluster
@@ -149,7 +248,7 @@ async def test_batches_reach_every_node_of_a_cluster(
     first = await calls()
     assert first == [f"{t}:{n}" for t in tenants for n in range(20)]
     pipeline = _pipeline_of(layer)
-    assert pipeline.batches > 0
+    assert pipeline.multiplexed is None and pipeline.batches > 0
     memory.clear()
     assert await calls() == first
     stats = cache.stats().layers["redis"]

@@ -1,36 +1,35 @@
 """Automatic pipelining for the async Redis client: concurrent commands share a round trip.
 
 Under a burst (hundreds of tasks missing their L1 at once) every GET and every
-script call would otherwise take its own connection, its own socket write and
-its own read: redis-py's asyncio client spends ~50-70 µs of CPU on each. Here a
-command issued while another is already on its way is queued instead, and
-everything queued during one turn of the event loop leaves together as one
-pipeline (``transaction=False``: no MULTI, each command keeps its own result or
-error). A lone command, the common case without load, is sent at once: the
-wrapper adds nothing to it but a counter.
+script call would otherwise take its own pooled connection, its own socket write
+and its own read: redis-py's asyncio client spends ~50-70 µs of CPU on each.
+Here the commands of the read and fill paths, ``GET`` and ``EVALSHA`` (the
+read-or-lock, lock, fill and release scripts), go another way:
 
-Only the commands of the read and fill paths are batched: ``GET`` and
-``EVALSHA`` (the lock, fill and release scripts). Every other attribute is the
-wrapped client's own. On Redis Cluster the pipeline groups the commands by node.
+- standalone Redis over TCP or a Unix socket: a
+  :class:`~tieredcache.layers.multiplex.MultiplexedConnection`, one connection
+  that carries every task's commands, written together while replies are
+  outstanding and answered in order (its docstring says how);
+- Redis Cluster, or TLS: a command issued while another is on its way waits for
+  the next turn of the event loop and leaves with the others as one redis-py
+  pipeline (``transaction=False``: each command keeps its own result or error),
+  which on a cluster groups them by node. A lone command is sent at once.
+
+Every other attribute is the wrapped client's own: invalidations, MGET, pub/sub
+and the write-back journal use redis-py's pool as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError
 
-pack_command: Callable[[tuple[Any, ...]], bytes] | None
-try:  # the C packer: redis-py's asyncio connection packs in Python (~0.5 µs an argument)
-    from hiredis import pack_command
-except ImportError:  # pragma: no cover - hiredis comes with the redis extra
-    pack_command = None
+from .multiplex import MultiplexedConnection
 
 __all__ = ["AutoPipeline"]
 
@@ -40,11 +39,12 @@ Queued = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 class AutoPipeline:
     """Wraps an async redis-py client (``Redis`` or ``RedisCluster``) of one event loop.
 
-    ``max_batch`` bounds the commands of one pipeline; a larger queue leaves as
-    several pipelines at once, on as many connections.
+    ``max_batch`` bounds the commands of one write; a larger queue leaves as
+    several. ``multiplex=False`` keeps redis-py's pipelines even where a
+    multiplexed connection could be used.
     """
 
-    def __init__(self, client: Any, *, max_batch: int = 256) -> None:
+    def __init__(self, client: Any, *, max_batch: int = 256, multiplex: bool = True) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.client = client
@@ -54,9 +54,7 @@ class AutoPipeline:
         self._queue: list[Queued] = []
         self._busy = 0  # commands and pipelines on their way
         self._loading: dict[Any, asyncio.Future[Any]] = {}
-        # Standalone Redis: one connection of the client's own pool carries a batch.
-        # A cluster client has no single pool: its pipeline groups commands by node.
-        self._pool = None if hasattr(client, "nodes_manager") else client.connection_pool
+        self.multiplexed = _multiplexed_for(client, max_batch) if multiplex else None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -74,11 +72,20 @@ class AutoPipeline:
             loading.add_done_callback(lambda _: self._loading.pop(script, None))
         return await asyncio.shield(loading)
 
-    async def get(self, name: str) -> Any:
-        return await self._execute("GET", name)
+    def get(self, name: str) -> Awaitable[Any]:
+        if self.multiplexed is not None:
+            return self.multiplexed.execute("GET", name)
+        return self._execute("GET", name)
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self._execute("EVALSHA", sha, numkeys, *keys_and_args)
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]:
+        if self.multiplexed is not None:
+            return self.multiplexed.execute("EVALSHA", sha, numkeys, *keys_and_args)
+        return self._execute("EVALSHA", sha, numkeys, *keys_and_args)
+
+    async def aclose(self) -> None:
+        if self.multiplexed is not None:
+            await self.multiplexed.aclose()
+        await self.client.aclose()
 
     async def _execute(self, *args: Any) -> Any:
         if not self._busy:
@@ -113,13 +120,10 @@ class AutoPipeline:
         self.batches += 1
         self.batched += len(chunk)
         try:
-            if self._pool is not None:
-                results = await self._send_on_connection(chunk)
-            else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for args, _ in chunk:
-                        pipe.execute_command(*args)
-                    results = await pipe.execute(raise_on_error=False)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for args, _ in chunk:
+                    pipe.execute_command(*args)
+                results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # the connection failed: every caller gets the error
             for _, future in chunk:
                 if not future.done():
@@ -137,39 +141,29 @@ class AutoPipeline:
             else:
                 future.set_result(result)
 
-    async def _send_on_connection(self, chunk: list[Queued]) -> list[Any]:
-        """Write the batch in one go on one pooled connection, then read its replies.
 
-        What redis-py's pipeline does, minus its Python packing and bookkeeping. An
-        error reply is that command's result; any other error (timeout, reset)
-        drops the connection, whose stream position is then unknown.
-        """
-        pool = self._pool
-        assert pool is not None
-        connection = await pool.get_connection()
-        try:
-            if pack_command is not None:
-                packed: Any = b"".join([pack_command(args) for args, _ in chunk])
-            else:  # pragma: no cover
-                packed = connection.pack_commands([args for args, _ in chunk])
-            await connection.send_packed_command(packed, check_health=False)
-            results: list[Any] = []
-            # One deadline for the batch's replies, not a timer per reply.
-            try:
-                async with asyncio.timeout(connection.socket_timeout):
-                    for _ in chunk:
-                        try:
-                            results.append(await connection.read_response(timeout=math.inf))
-                        except ResponseError as exc:
-                            results.append(exc)
-            except TimeoutError:
-                raise RedisTimeoutError(f"Timeout reading from {connection.host}") from None
-            return results
-        except BaseException:
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+def _multiplexed_for(client: Any, max_batch: int) -> MultiplexedConnection | None:
+    """A multiplexed connection to the server of a standalone, plain-socket client."""
+    from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or hasattr(client, "nodes_manager"):
+        return None  # a cluster: pipelines per node
+    if pool.connection_class not in (Connection, UnixDomainSocketConnection):
+        return None  # TLS or a custom connection class: redis-py's pipelines
+    kwargs = pool.connection_kwargs
+    timeout = kwargs.get("socket_timeout") or 5.0
+    return MultiplexedConnection(
+        host=kwargs.get("host", "localhost"),
+        port=int(kwargs.get("port", 6379)),
+        path=kwargs.get("path") if pool.connection_class is UnixDomainSocketConnection else None,
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        db=int(kwargs.get("db") or 0),
+        timeout=timeout,
+        connect_timeout=kwargs.get("socket_connect_timeout") or timeout,
+        max_batch=max_batch,
+    )
 
 
 class BatchedScript:

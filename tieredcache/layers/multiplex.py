@@ -1,0 +1,296 @@
+"""One Redis connection shared by every task of an event loop: requests are pipelined.
+
+Redis answers the commands of one connection in the order it received them, so
+a single connection can carry the requests of many tasks at once: each request
+appends its command to the socket and a future to a FIFO; replies are parsed
+(hiredis) as they arrive and resolve the futures in order, from the protocol's
+``data_received`` callback, without a reader task in between. A request made
+while the connection is idle is written at once; the ones made while replies
+are outstanding are gathered and written together at the next turn of the event
+loop, or as soon as ``max_batch`` of them wait. Under load this turns hundreds
+of tasks' commands into a handful of socket writes and reads, with one task
+wake-up per request (the asyncio client of redis-py takes a pooled connection,
+writes, and reads under a timeout context for every command: ~50-70 µs each).
+
+Deadlines: a reply still missing ``timeout`` seconds after its command was
+written fails every outstanding request with ``redis.exceptions.TimeoutError``
+and drops the connection (where the stream stands is then unknown). A lost
+connection fails its outstanding requests with ``ConnectionError``; the next
+request connects again. Nothing is retried here: the cache's breaker decides.
+
+Only RESP2 over TCP or a Unix socket, with AUTH and SELECT; TLS connections use
+redis-py's pipelines instead (see :mod:`tieredcache.layers.autopipeline`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+import hiredis
+import redis.exceptions
+
+# hiredis's stub types the command as a 1-tuple; it takes any number of arguments.
+_pack: Any = hiredis.pack_command
+
+__all__ = ["MultiplexedConnection"]
+
+try:  # redis-py's mapping of error replies to exception classes (NOSCRIPT, LOADING...)
+    from redis._parsers.base import BaseParser
+
+    _parse_error: Any = BaseParser.parse_error
+except ImportError:  # pragma: no cover - older or newer redis-py layouts
+    _parse_error = redis.exceptions.ResponseError
+
+
+class _ReplyError(Exception):
+    """What hiredis hands back for an error reply; turned into redis-py's class."""
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: MultiplexedConnection) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(replyError=_ReplyError)
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self.answered = 0  # replies received, to match against the deadlines' marks
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        while waiting:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(redis.exceptions.ConnectionError(f"protocol error: {exc}"))
+                return
+            if reply is False:
+                break
+            future = waiting.popleft()
+            self.answered += 1
+            if future.done():
+                continue  # its caller was cancelled; the reply is consumed all the same
+            if isinstance(reply, _ReplyError):
+                future.set_exception(_parse_error(str(reply)))
+            else:
+                future.set_result(reply)
+        if not waiting:
+            self.deadlines.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f": {exc}" if exc else ""
+        self.fail(redis.exceptions.ConnectionError(f"Redis closed the connection{reason}"))
+        self.owner._lost(self)
+
+    def fail(self, error: Exception) -> None:
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self.deadlines.clear()
+
+    def abort(self, error: Exception) -> None:
+        self.closed = True
+        self.fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+        self.owner._lost(self)
+
+
+class MultiplexedConnection:
+    """Pipelines the requests of every task of one event loop over one connection.
+
+    ``connect_kwargs``: ``host``/``port`` or ``path``, and optionally
+    ``username``, ``password``, ``db`` (redis-py's connection keyword names).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "localhost",
+        port: int = 6379,
+        path: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        timeout: float = 0.25,
+        connect_timeout: float = 0.25,
+        max_batch: int = 256,
+    ) -> None:
+        self.address = path or f"{host}:{port}"
+        self._host, self._port, self._path = host, port, path
+        self._auth = (username, password)
+        self._db = int(db or 0)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_batch = max_batch
+        self.writes = 0  # socket writes, for tests and benchmarks
+        self.commands = 0
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._buffer: list[bytes] = []
+        self._buffered: list[asyncio.Future[Any]] = []
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # -- requests -------------------------------------------------------------
+    def execute(self, *args: Any) -> asyncio.Future[Any]:
+        """Send one command; the future resolves to its reply (or raises its error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._closed:
+            future.set_exception(redis.exceptions.ConnectionError("connection closed"))
+            return future
+        packed = _pack(args)
+        self.commands += 1
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            self._buffer.append(packed)
+            self._buffered.append(future)
+            self._ensure_connecting(loop)
+            return future
+        if not protocol.waiting and not self._buffer:  # idle: no reason to wait
+            self._write(protocol, [packed], [future])
+            return future
+        self._buffer.append(packed)
+        self._buffered.append(future)
+        if len(self._buffer) >= self.max_batch:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._buffer:
+            return
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            self._ensure_connecting(asyncio.get_running_loop())  # it sends them once up
+            return
+        buffer, futures = self._buffer, self._buffered
+        self._buffer, self._buffered = [], []
+        self._write(protocol, buffer, futures)
+
+    def _write(self, protocol: _Protocol, packed: list[bytes], futures: list[Any]) -> None:
+        assert protocol.transport is not None
+        protocol.waiting.extend(futures)
+        protocol.transport.write(b"".join(packed) if len(packed) > 1 else packed[0])
+        self.writes += 1
+        mark = protocol.answered + len(protocol.waiting)
+        protocol.deadlines.append((time.monotonic() + self.timeout, mark))
+        if self._timer is None:
+            self._arm(protocol, self.timeout)
+
+    # -- deadlines -----------------------------------------------------------
+    def _arm(self, protocol: _Protocol, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(delay, 0.0), self._check, protocol)
+
+    def _check(self, protocol: _Protocol) -> None:
+        self._timer = None
+        if protocol.closed:
+            return
+        deadlines = protocol.deadlines
+        while deadlines and deadlines[0][1] <= protocol.answered:
+            deadlines.popleft()  # those writes are fully answered
+        if not deadlines:
+            return
+        due, _ = deadlines[0]
+        now = time.monotonic()
+        if due <= now:
+            protocol.abort(redis.exceptions.TimeoutError(f"Timeout reading from {self.address}"))
+            return
+        self._arm(protocol, due - now)
+
+    # -- connection -------------------------------------------------------------
+    def _ensure_connecting(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._connecting is None and not self._closed:
+            self._connecting = loop.create_future()
+            loop.create_task(self._connect(loop))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        connecting = self._connecting
+        assert connecting is not None
+        try:
+            protocol = await asyncio.wait_for(self._open(loop), self.connect_timeout)
+        except Exception as exc:
+            error = exc
+            if isinstance(exc, (TimeoutError, OSError)):
+                error = redis.exceptions.ConnectionError(
+                    f"Error connecting to {self.address}: {exc or 'timed out'}"
+                )
+            futures, self._buffer, self._buffered = self._buffered, [], []
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            self._connecting = None
+            connecting.set_exception(error)
+            connecting.exception()  # retrieved: the callers got it through their futures
+            return
+        self._protocol = protocol
+        self._connecting = None
+        connecting.set_result(protocol)
+        self._flush()
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
+        def factory() -> _Protocol:
+            return _Protocol(self)
+
+        if self._path is not None:
+            _, protocol = await loop.create_unix_connection(factory, self._path)
+        else:
+            _, protocol = await loop.create_connection(factory, self._host, self._port)
+        handshake: list[Any] = []
+        username, password = self._auth
+        if password is not None:
+            handshake.append(("AUTH", username, password) if username else ("AUTH", password))
+        if self._db:
+            handshake.append(("SELECT", self._db))
+        if handshake:
+            futures = [loop.create_future() for _ in handshake]
+            self._write(protocol, [_pack(cmd) for cmd in handshake], futures)
+            try:
+                await asyncio.gather(*futures)
+            except BaseException:
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise
+        return protocol
+
+    def _lost(self, protocol: _Protocol) -> None:
+        if self._protocol is protocol:
+            self._protocol = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buffer:  # written nowhere yet: they go out on the next connection
+            self._ensure_connecting(asyncio.get_running_loop())
+
+    async def aclose(self) -> None:
+        self._closed = True
+        error = redis.exceptions.ConnectionError("connection closed")
+        futures, self._buffer, self._buffered = self._buffered, [], []
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.closed = True
+            protocol.fail(error)
+            protocol.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
