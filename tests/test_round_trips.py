@@ -39,7 +39,7 @@ def counted(redis_url: str) -> Iterator[tuple[TieredCache, CommandCounter]]:
     cache.close()
 
 
-def test_a_miss_costs_three_round_trips_and_a_shared_hit_one_get(
+def test_behind_memory_a_miss_costs_two_round_trips_and_a_shared_hit_one(
     counted: tuple[TieredCache, CommandCounter],
 ) -> None:
     cache, counter = counted
@@ -52,16 +52,41 @@ def test_a_miss_costs_three_round_trips_and_a_shared_hit_one_get(
         load(0)  # scripts loaded once
         counter.take()
         assert load(1) == 1
-        # GET (miss), the fill lock with its lease, the fill that releases the lock
-        assert counter.take() == ["GET", "EVALSHA", "EVALSHA"]
+        # the read that takes the fill lock and lease when the key is absent, then
+        # the fill that releases the lock
+        assert counter.take() == ["EVALSHA", "EVALSHA"]
         assert load(1) == 1
         assert counter.take() == []  # in-process hit
         assert cache.memory is not None
         cache.memory.clear()
         assert load(1) == 1
-        assert counter.take() == ["GET"]  # shared hit: one plain GET, then back-filled
+        assert counter.take() == ["EVALSHA"]  # shared hit: the same read, no lock taken
+        redis_layer = cache.layers[1]
+        assert isinstance(redis_layer, RedisLayer)
+        assert not redis_layer.fill_lock_held(load.key(1))
+        counter.take()
         assert load(1) == 1
         assert counter.take() == []
+
+
+def test_alone_a_miss_costs_three_round_trips_and_a_shared_hit_one_get(redis_url: str) -> None:
+    layer = RedisLayer(url=redis_url)
+    cache = TieredCache("rt", [layer], broadcast=False)
+    counter = CommandCounter(layer.sync_store().client)
+
+    @cache.cached(ttl=60)
+    def load(item: int) -> int:
+        return item
+
+    with tenant_scope("acme"):
+        load(0)
+        counter.take()
+        assert load(1) == 1
+        # GET (miss), the fill lock with its lease, the fill that releases the lock
+        assert counter.take() == ["GET", "EVALSHA", "EVALSHA"]
+        assert load(1) == 1
+        assert counter.take() == ["GET"]  # without an in-process layer: a plain GET
+    cache.close()
 
 
 def test_without_the_fill_lock_a_miss_takes_its_lease_with_one_mget(redis_url: str) -> None:

@@ -135,6 +135,14 @@ class TieredCache:
         self.fast_shared: int | None = None
         if shared == [len(self.storage) - 1] and (len(self.storage) == 1 or self.memory):
             self.fast_shared = shared[0]
+        # With an in-process layer in front, the shared layer is read when this process
+        # does not have the key: on a miss that read also tries the fill lock (one
+        # round trip, not two). Without one, a shared read is most often a hit, and
+        # stays a plain GET. Only when the lock layer is read last: a lock taken by
+        # the read is then always followed by the load it is for.
+        self.fused_read: int | None = None
+        if self.memory is not None and self.storage[-1] == self.lock_layer:
+            self.fused_read = len(self.storage) - 1
         redis_layer = self.layers[redis_layers[0]] if redis_layers else None
         self._redis: RedisLayer | None = (
             redis_layer if isinstance(redis_layer, RedisLayer) else None
@@ -260,6 +268,7 @@ class TieredCache:
             stores_objects=self.stores_objects,
             lock_layer=self.lock_layer,
             loader_base=self.metrics.loader_base,
+            fused_read=self.fused_read,
         )
 
     def _api_request(

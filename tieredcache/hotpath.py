@@ -97,6 +97,8 @@ def shortcut(impl: CachedImpl, req: ReadRequest, in_flight: bool) -> tuple[int, 
     position = cache.fast_shared
     if position is None or in_flight:
         return None
+    if cache.fused_read is not None and impl.policy.lock:
+        return None  # the flow reads it, with the fill lock on a miss
     in_memory = None
     if position != 0 and cache.memory is not None:
         in_memory = cache.memory.get_with_lease(req.key, req.tags)

@@ -24,6 +24,7 @@ from .flows import (
     Delete,
     Flow,
     Get,
+    GetOrLock,
     Invalidate,
     Lease,
     Load,
@@ -171,6 +172,11 @@ def layer_call(cache: TieredCache, op: Any, req: ReadRequest, prefix: str) -> La
     if kind is Get:
         guard = cache.guards[req.storage[op.layer]]
         return guard, "get", _get_call(req, op.layer, guard.layer, prefix), (None, None)
+    if kind is GetOrLock:
+        guard = cache.guards[req.storage[op.layer]]
+        fused = getattr(guard.layer, prefix + "get_or_lock_fill")
+        call = lambda: fused(req.key, req.tags, op.token, op.ttl)  # noqa: E731
+        return guard, "get", call, (None, None, None)
     if kind is Lease:
         guard = cache.guards[req.storage[op.layer]]
         lease = getattr(guard.layer, prefix + "lease")
@@ -203,6 +209,9 @@ def settle(op: Any, req: ReadRequest, guard: LayerGuard, result: Any) -> Any:
             req.lock_token = None
     elif kind is Lock:
         if result[0]:
+            req.lock_token = op.token
+    elif kind is GetOrLock:
+        if result[1]:
             req.lock_token = op.token
     elif kind is Unlock:
         req.lock_token = None

@@ -34,6 +34,17 @@ class Get:
 
 
 @dataclass(slots=True)
+class GetOrLock:
+    """Read storage layer ``layer`` and, if the key is absent there, try its fill
+    lock in the same round trip -> (stored or None, taken, lease), with taken and
+    lease as for :class:`Lock` (both None when a value was found)."""
+
+    layer: int
+    token: str
+    ttl: float
+
+
+@dataclass(slots=True)
 class Lease:
     """Take the fill lease of storage layer ``layer`` -> lease, or None if it failed."""
 
@@ -137,6 +148,7 @@ class Publish:
 
 Op = (
     Get
+    | GetOrLock
     | Lease
     | Set
     | Delete
@@ -181,6 +193,10 @@ class ReadRequest:
     # The fill-lock token this request holds (kept by the runner), so that a
     # cancelled request or a failed late load can still release it.
     lock_token: str | None = None
+    # Storage position whose read also tries the fill lock (GetOrLock), if any,
+    # and what that attempt gave (token, taken, lease) for the load that follows.
+    fused_read: int | None = None
+    prelock: tuple[str, Any, Any] | None = None
 
 
 def decode_entry(req: ReadRequest, position: int, stored: Any) -> Entry | None:

@@ -26,6 +26,7 @@ from .ops import (
     Delete,
     Flow,
     Get,
+    GetOrLock,
     Lease,
     Load,
     Lock,
@@ -63,13 +64,26 @@ def fill_token() -> str:
     return f"{_token_prefix}{next(_token_counter):x}"
 
 
-def _walk(req: ReadRequest, leases: list[Any]) -> Generator[Op, Any, tuple[bool, Any]]:
-    """Read the layers fastest first -> (True, value) on a fresh hit, else (False, stale)."""
+def _walk(
+    req: ReadRequest, leases: list[Any], fuse: bool = False
+) -> Generator[Op, Any, tuple[bool, Any]]:
+    """Read the layers fastest first -> (True, value) on a fresh hit, else (False, stale).
+
+    ``fuse``: the read of the lock layer also tries the fill lock when the key is
+    absent there (one round trip instead of two on a miss; a hit stays lock-free).
+    """
     now = req.clock()
     stale: Entry | None = None
     last = len(req.storage) - 1
+    fused = req.fused_read if fuse and req.policy.lock else None
     for position in range(len(req.storage)):
-        stored, leases[position] = yield Get(position)
+        if position == fused and stale is None:  # (a stale entry may be served: no lock)
+            token = fill_token()
+            stored, taken, lease = yield GetOrLock(position, token, req.policy.lock_ttl)
+            if stored is None:
+                req.prelock = (token, taken, lease)
+        else:
+            stored, leases[position] = yield Get(position)
         entry = None if stored is None else decode_entry(req, position, stored)
         if stored is not None and entry is None:
             # Undecodable or tampered: an error, a miss, and gone. (Shared layers take
@@ -105,7 +119,7 @@ def lookup_flow(req: ReadRequest) -> Flow:
 def read_flow(req: ReadRequest) -> Flow:
     """Cache-aside / read-through read: layers, then a single load, then fills."""
     leases: list[Any] = [None] * len(req.storage)
-    hit, result = yield from _walk(req, leases)
+    hit, result = yield from _walk(req, leases, fuse=True)
     if hit:
         return result
     stale: Entry | None = result
@@ -145,9 +159,12 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
     token: str | None = None
     lock_layer = req.lock_layer
     if lock_layer is not None and policy.lock:
-        token = fill_token()
         position = req.storage.index(lock_layer)
-        got, lease = yield Lock(lock_layer, token, policy.lock_ttl)
+        if req.prelock is not None:  # tried with the read (GetOrLock)
+            (token, got, lease), req.prelock = req.prelock, None
+        else:
+            token = fill_token()
+            got, lease = yield Lock(lock_layer, token, policy.lock_ttl)
         if got is False:
             req.counters[req.loader_base + LOCK_WAITS] += 1
             deadline = req.clock() + policy.lock_wait

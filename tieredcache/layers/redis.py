@@ -240,6 +240,15 @@ class RedisLayer:
         got, gens = self.sync_store().lock(key, tags, token, int(ttl * 1000))
         return got, (gens, taken_at)
 
+    def get_or_lock_fill(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bytes | None, bool | None, RedisLease | None]:
+        """GET, and if the key is absent take its fill lock and lease in the same
+        round trip -> (value, taken, lease); taken and lease are None on a hit."""
+        taken_at = self.timer()
+        value, got, gens = self.sync_store().get_or_lock(key, tags, token, int(ttl * 1000))
+        return value, got, None if gens is None else (gens, taken_at)
+
     def release_fill_lock(self, key: CacheKey, token: str) -> bool:
         """Compare-and-delete the fill lock and wake the processes waiting for it."""
         return self.sync_store().release_lock(key, token)
@@ -308,6 +317,14 @@ class RedisLayer:
         taken_at = self.timer()
         got, gens = await self.async_store().lock(key, tags, token, int(ttl * 1000))
         return got, (gens, taken_at)
+
+    async def aget_or_lock_fill(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bytes | None, bool | None, RedisLease | None]:
+        taken_at = self.timer()
+        store = self.async_store()
+        value, got, gens = await store.get_or_lock(key, tags, token, int(ttl * 1000))
+        return value, got, None if gens is None else (gens, taken_at)
 
     async def arelease_fill_lock(self, key: CacheKey, token: str) -> bool:
         return await self.async_store().release_lock(key, token)

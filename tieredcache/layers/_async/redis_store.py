@@ -87,6 +87,17 @@ for i = 2, #KEYS do out[i] = redis.call('GET', KEYS[i]) or false end
 return out
 """
 
+# A read that, when the key is absent, also takes the fill lock and the lease (as
+# LOCK_LUA) in the same round trip; a present value is returned alone, lock-free.
+# KEYS: value, lock, key-gen, tag-gen x n   ARGV: token, px
+GET_OR_LOCK_LUA = """
+local value = redis.call('GET', KEYS[1])
+if value then return {value} end
+local out = {false, redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
+for i = 3, #KEYS do out[i] = redis.call('GET', KEYS[i]) or false end
+return out
+"""
+
 # Invalidate keys of one slot: drop values and their tag memberships, bump generations.
 # KEYS: value x n, key-gen x n, key-tags x n   ARGV: n, gen px
 DELETE_KEYS_LUA = (
@@ -184,6 +195,7 @@ class AsyncRedisStore:
         self._delete_tags = client.register_script(DELETE_TAGS_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._watch = client.register_script(WATCH_LUA)
+        self._get_or_lock = client.register_script(GET_OR_LOCK_LUA)
 
     async def get(self, key: CacheKey) -> bytes | None:
         """A plain GET: a hit costs what a raw GET costs."""
@@ -230,6 +242,23 @@ class AsyncRedisStore:
             raise translate(self.layer, "lock", exc) from exc
         gens = tuple(result[1:]) + (None,) * (len(names) - len(result))
         return bool(result[0]), gens
+
+    async def get_or_lock(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, px: int
+    ) -> tuple[bytes | None, bool | None, tuple[bytes | None, ...] | None]:
+        """(value, None, None) if present, else (None, lock taken, the fill's generations)."""
+        slot = self.keyspace.slot_of(key)
+        _, tag_gens = self.keyspace.tag_names_in(slot, tags)
+        names = [f"{slot}:v:{key.body}", f"{slot}:l:{key.body}", f"{slot}:gk:{key.body}"]
+        names.extend(tag_gens)
+        try:
+            result = await self._get_or_lock(keys=names, args=[token, px])
+        except ERRORS as exc:
+            raise translate(self.layer, "get", exc) from exc
+        if result[0] is not None:
+            return result[0], None, None
+        gens = tuple(result[2:]) + (None,) * (len(names) - len(result))
+        return None, bool(result[1]), gens
 
     async def set(
         self,
