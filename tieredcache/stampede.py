@@ -83,16 +83,26 @@ class AsyncSingleFlight:
         self._per_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]
         ] = weakref.WeakKeyDictionary()
+        # The last loop's calls: one loop is the common case, and a weak-key lookup
+        # costs more than the rest of a hit's bookkeeping. Weak, like the mapping.
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], dict[str, Any]] | None = None
 
-    def in_flight(self, key: str) -> bool:
-        calls = self._per_loop.get(asyncio.get_running_loop())
-        return calls is not None and key in calls
-
-    async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+    def _calls(self) -> tuple[asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]]:
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:
+            return loop, last[1]
         calls = self._per_loop.get(loop)
         if calls is None:
             calls = self._per_loop.setdefault(loop, {})
+        self._last = (weakref.ref(loop), calls)
+        return loop, calls
+
+    def in_flight(self, key: str) -> bool:
+        return key in self._calls()[1]
+
+    async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+        loop, calls = self._calls()
         while True:
             future = calls.get(key)
             if future is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -104,9 +104,10 @@ class MemoryLayer:
         # Lease bookkeeping: a sequence number bumped by every invalidation, and the
         # number at which each recently invalidated key/tag was last invalidated.
         self._seq = 0
-        self._invalidated: cachetools.LRUCache[str, int] = cachetools.LRUCache(
-            max_invalidation_memory
-        )
+        # Oldest invalidation first (a repeated one moves to the end); reads do not
+        # reorder it, so it is a plain OrderedDict rather than an LRU.
+        self._invalidated: OrderedDict[str, int] = OrderedDict()
+        self._max_invalidated = max_invalidation_memory
         self._watermark = 0
 
     # -- index upkeep (lock held) --------------------------------------------
@@ -161,18 +162,21 @@ class MemoryLayer:
 
     def _mark_invalidated(self, name: str) -> None:
         self._seq += 1
-        if len(self._invalidated) >= self._invalidated.maxsize:
-            _, oldest = self._invalidated.popitem()
+        invalidated = self._invalidated
+        if invalidated.pop(name, None) is None and len(invalidated) >= self._max_invalidated:
+            _, oldest = invalidated.popitem(last=False)
             self._watermark = max(self._watermark, oldest)
-        self._invalidated[name] = self._seq
+        invalidated[name] = self._seq
 
     def _lease_valid(self, lease: int, full_key: str, tags: Sequence[str]) -> bool:
+        if self._seq <= lease:
+            return True  # nothing at all was invalidated since the lease was taken
         if self._watermark > lease:
             return False
-        invalidated = self._invalidated
-        if invalidated.get("k:" + full_key, 0) > lease:
+        get = self._invalidated.get
+        if get("k:" + full_key, 0) > lease:
             return False
-        return all(invalidated.get("t:" + tag, 0) <= lease for tag in tags)
+        return all(get("t:" + tag, 0) <= lease for tag in tags)
 
     # -- StorageLayer -----------------------------------------------------------
     def get(self, key: CacheKey) -> Entry | None:
