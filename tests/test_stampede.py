@@ -205,3 +205,97 @@ def test_waiters_are_woken_by_the_release_not_by_polling(redis_url: str) -> None
     assert reads <= 6, stats
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("by", ["key", "tag"])
+async def test_a_read_after_an_invalidation_does_not_join_a_load_begun_before_it(by: str) -> None:
+    cache = TieredCache("sf", [MemoryLayer()])
+    version = 0
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @cache.cached(ttl=60, tags=lambda n: [f"item:{n}"])
+    async def item(n: int) -> int:
+        seen = version
+        started.set()
+        await release.wait()
+        return seen
+
+    with tenant_scope("acme"):
+        first = asyncio.create_task(item(1))
+        await started.wait()
+        joined = asyncio.create_task(item(1))  # before the invalidation: shares the load
+        await asyncio.sleep(0)
+        version = 1
+        if by == "key":
+            await item.invalidate(1)
+        else:
+            await cache.ainvalidate(tags=["item:1"])
+        after = asyncio.create_task(item(1))  # after it: a load of its own
+        await asyncio.sleep(0)
+        release.set()
+        assert (await first, await joined, await after) == (0, 0, 1)
+        assert await item(1) == 1  # the old load's fill was refused; the new one stays
+    await cache.aclose()
+
+
+def test_a_thread_reading_after_an_invalidation_does_not_join_a_load_begun_before_it() -> None:
+    cache = TieredCache("sf", [MemoryLayer()])
+    version = 0
+    started = threading.Event()
+    release = threading.Event()
+
+    @cache.cached(ttl=60)
+    def item(n: int) -> int:
+        seen = version
+        if seen == 0:  # only the load from before the change is slow
+            started.set()
+            release.wait(5)
+        return seen
+
+    results: dict[str, int] = {}
+
+    def read(name: str) -> None:
+        with tenant_scope("acme"):
+            results[name] = item(1)
+
+    first = threading.Thread(target=read, args=("first",))
+    first.start()
+    assert started.wait(5)
+    version = 1
+    with tenant_scope("acme"):
+        item.invalidate(1)
+        began = time.monotonic()
+        assert item(1) == 1  # a load of its own, not the slow one in flight
+        assert time.monotonic() - began < 2
+    release.set()
+    first.join(5)
+    assert results == {"first": 0}
+    cache.close()
+
+
+async def test_a_broadcast_invalidation_detaches_the_loads_in_flight(redis_url: str) -> None:
+    here = TieredCache("sfb", [MemoryLayer(), RedisLayer(url=redis_url, key_prefix="sfb")])
+    there = TieredCache("sfb", [MemoryLayer(), RedisLayer(url=redis_url, key_prefix="sfb")])
+    assert here.connect() and there.connect()
+    release = asyncio.Event()
+
+    @here.cached(ttl=60, name="item")
+    async def item(n: int) -> int:
+        await release.wait()
+        return n
+
+    with tenant_scope("acme"):
+        load = asyncio.create_task(item(1))
+        key = item.key(1)
+        while not here.async_singleflight.in_flight(key.full):
+            await asyncio.sleep(0.001)
+        await there.ainvalidate([key])  # another replica
+        deadline = time.monotonic() + 5
+        while here.async_singleflight.in_flight(key.full):
+            assert time.monotonic() < deadline, "the broadcast never detached the load"
+            await asyncio.sleep(0.005)
+        release.set()
+        assert await load == 1
+    await here.aclose()
+    await there.aclose()

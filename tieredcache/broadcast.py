@@ -270,6 +270,7 @@ class Replicas:
                 layer.delete(keys)
             if tags:
                 layer.delete_tags(tags)
+        self.cache.forget_in_flight(keys, tags)
 
     def _resync(self, reconnected: bool) -> None:
         if not reconnected and not self._subscribed_late:

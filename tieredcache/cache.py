@@ -329,6 +329,7 @@ class TieredCache:
         """Store ``value`` under ``key`` in every storage layer; fills in flight lose to it."""
         req = self._api_request(key, tenant, ttl, tags)
         self.sync_runner.run(set_flow(req, value), req)
+        self.forget_in_flight([req.key], req.tags)
 
     async def aset(
         self,
@@ -342,6 +343,7 @@ class TieredCache:
         """Async :meth:`set`."""
         req = self._api_request(key, tenant, ttl, tags)
         await self.async_runner.run(set_flow(req, value), req)
+        self.forget_in_flight([req.key], req.tags)
 
     def refresh(self, key: str, *, tenant: str | None = None) -> Any:
         """Reload a read-through key now and store the result."""
@@ -386,7 +388,9 @@ class TieredCache:
         """
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
         flow = invalidate_flow(len(self.layers), cache_keys, cache_tags, counters)
-        return self._result(self.sync_runner.run(flow))
+        failed = self.sync_runner.run(flow)
+        self.forget_in_flight(cache_keys, cache_tags)
+        return self._result(failed)
 
     async def ainvalidate(
         self,
@@ -398,7 +402,18 @@ class TieredCache:
         """Async :meth:`invalidate`."""
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
         flow = invalidate_flow(len(self.layers), cache_keys, cache_tags, counters)
-        return self._result(await self.async_runner.run(flow))
+        failed = await self.async_runner.run(flow)
+        self.forget_in_flight(cache_keys, cache_tags)
+        return self._result(failed)
+
+    def forget_in_flight(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
+        """After an invalidation or a write: later callers of these keys (or tags) start
+        a load of their own instead of joining one that began before it."""
+        if keys or tags:
+            full_keys = [key.full for key in keys]
+            tag_names = [tag.full for tag in tags]
+            self.singleflight.forget(full_keys, tag_names)
+            self.async_singleflight.forget(full_keys, tag_names)
 
     # -- broadcast -------------------------------------------------------------
     def notifier(self) -> Notifier | None:

@@ -159,7 +159,10 @@ class CachedImpl:
         """Call the function now and store its result (fills in flight lose to it)."""
         req = self.request(self.tenant(args, kwargs), None, args, kwargs)
         self.cache.notifier()
-        return self.cache.sync_runner.run(refresh_flow(req, use_lock=False), req)
+        try:
+            return self.cache.sync_runner.run(refresh_flow(req, use_lock=False), req)
+        finally:
+            self.cache.forget_in_flight([req.key], req.tags)
 
     def _put_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ReadRequest:
         tenant = self.tenant(args, kwargs)
@@ -176,11 +179,13 @@ class CachedImpl:
         drops its copy); fills in flight lose to it. Cache-aside's explicit set."""
         req = self._put_request(args, kwargs)
         self.cache.sync_runner.run(set_flow(req, value), req)
+        self.cache.forget_in_flight([req.key], req.tags)
 
     async def aput(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
         """Async :meth:`put`."""
         req = self._put_request(args, kwargs)
         await self.cache.async_runner.run(set_flow(req, value), req)
+        self.cache.forget_in_flight([req.key], req.tags)
 
     def write(self, writer: Callable[..., Any], key_args: Any, args: Any, kwargs: Any) -> Any:
         reader_args = tuple(key_args(*args, **kwargs)) if key_args else args
@@ -189,7 +194,10 @@ class CachedImpl:
         loader = functools.partial(writer, *args, **kwargs)
         req = self.request(tenant, None, reader_args, reader_kwargs, loader)
         self.cache.notifier()
-        return self.cache.sync_runner.run(write_flow(req), req)
+        try:
+            return self.cache.sync_runner.run(write_flow(req), req)
+        finally:
+            self.cache.forget_in_flight([req.key], req.tags)
 
     def writer(self, key_args: Callable[..., tuple[Any, ...]] | None = None) -> Any:
         """Write-through: decorate the function that writes the store.
@@ -221,7 +229,10 @@ class CachedImpl:
         """Call the function now and store its result."""
         req = self.request(self.tenant(args, kwargs), None, args, kwargs)
         self.cache.notifier()
-        return await self.cache.async_runner.run(refresh_flow(req, use_lock=False), req)
+        try:
+            return await self.cache.async_runner.run(refresh_flow(req, use_lock=False), req)
+        finally:
+            self.cache.forget_in_flight([req.key], req.tags)
 
     async def awrite(
         self, writer: Callable[..., Any], key_args: Any, args: Any, kwargs: Any
@@ -232,7 +243,10 @@ class CachedImpl:
         loader = functools.partial(writer, *args, **kwargs)
         req = self.request(tenant, None, reader_args, reader_kwargs, loader)
         self.cache.notifier()
-        return await self.cache.async_runner.run(write_flow(req), req)
+        try:
+            return await self.cache.async_runner.run(write_flow(req), req)
+        finally:
+            self.cache.forget_in_flight([req.key], req.tags)
 
     def awriter(self, key_args: Callable[..., tuple[Any, ...]] | None = None) -> Any:
         """Write-through for async code; see :meth:`writer`."""

@@ -85,7 +85,8 @@ def miss(
         if found is not MISSING:
             return found
     runner = cache.sync_runner
-    return cache.singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
+    tags = tuple(tag.full for tag in req.tags) if req.tags else ()
+    return cache.singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req), tags)
 
 
 def shortcut(impl: CachedImpl, req: ReadRequest, in_flight: bool) -> tuple[int, Any, Any] | None:
@@ -196,7 +197,10 @@ async def amiss(
         if found is not MISSING:
             return found
     runner = cache.async_runner
-    return await cache.async_singleflight.do(req.key.full, lambda: runner.run(read_flow(req), req))
+    tags = tuple(tag.full for tag in req.tags) if req.tags else ()
+    return await cache.async_singleflight.do(
+        req.key.full, lambda: runner.run(read_flow(req), req), tags
+    )
 
 
 # -- the wrappers: the hot path ------------------------------------------

@@ -4,6 +4,11 @@ Every concurrent caller of a key gets the leader's result or the leader's
 exception. Across processes the fill lock in Redis (see
 :mod:`tieredcache.flows`) takes over; this layer keeps a process from sending
 its own callers to that lock at all.
+
+A caller that arrives after an invalidation or a write of its key must not be
+answered by a load that began before it: :meth:`forget` (called by the cache
+on every invalidation, broadcast one included, and every write) lets later
+callers start afresh while those already waiting still get the load's result.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 __all__ = ["AsyncSingleFlight", "SingleFlight"]
@@ -28,19 +33,36 @@ class _Call:
         self.error: BaseException | None = None
 
 
+def _matches(key: str, tags: tuple[str, ...], keys: set[str], dropped: set[str]) -> bool:
+    return key in keys or any(tag in dropped for tag in tags)
+
+
 class SingleFlight:
     """Thread single-flight: the first caller of a key runs ``fn``; the rest wait for it."""
 
     def __init__(self) -> None:
         self._calls: dict[str, _Call] = {}
+        self._tags: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
 
-    def do(self, key: str, fn: Callable[[], T]) -> T:
+    def forget(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
+        """Later callers of ``keys`` (or of keys with ``tags``) do not join calls in flight."""
+        key_set, tag_set = set(keys), set(tags)
+        with self._lock:
+            for key in [
+                k for k in self._calls if _matches(k, self._tags.get(k, ()), key_set, tag_set)
+            ]:
+                del self._calls[key]
+                self._tags.pop(key, None)
+
+    def do(self, key: str, fn: Callable[[], T], tags: tuple[str, ...] = ()) -> T:
         with self._lock:
             call = self._calls.get(key)
             leader = call is None
             if call is None:
                 call = self._calls[key] = _Call()
+                if tags:
+                    self._tags[key] = tags
             elif call.event is None:
                 call.event = threading.Event()
             event = call.event
@@ -59,7 +81,9 @@ class SingleFlight:
             raise
         finally:
             with self._lock:
-                del self._calls[key]
+                if self._calls.get(key) is call:  # not forgotten meanwhile
+                    del self._calls[key]
+                    self._tags.pop(key, None)
                 event = call.event
             if event is not None:
                 event.set()
@@ -80,33 +104,52 @@ class AsyncSingleFlight:
     """
 
     def __init__(self) -> None:
-        self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]
-        ] = weakref.WeakKeyDictionary()
-        # The last loop's calls: one loop is the common case, and a weak-key lookup
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flights] = (
+            weakref.WeakKeyDictionary()
+        )
+        # The last loop's flights: one loop is the common case, and a weak-key lookup
         # costs more than the rest of a hit's bookkeeping. Weak, like the mapping.
-        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], dict[str, Any]] | None = None
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], _Flights] | None = None
 
-    def _calls(self) -> tuple[asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]]:
+    def _flights(self) -> tuple[asyncio.AbstractEventLoop, _Flights]:
         loop = asyncio.get_running_loop()
         last = self._last
         if last is not None and last[0]() is loop:
             return loop, last[1]
-        calls = self._per_loop.get(loop)
-        if calls is None:
-            calls = self._per_loop.setdefault(loop, {})
-        self._last = (weakref.ref(loop), calls)
-        return loop, calls
+        flights = self._per_loop.get(loop)
+        if flights is None:
+            flights = self._per_loop.setdefault(loop, _Flights())
+        self._last = (weakref.ref(loop), flights)
+        return loop, flights
 
     def in_flight(self, key: str) -> bool:
-        return key in self._calls()[1]
+        return key in self._flights()[1].calls
 
-    async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
-        loop, calls = self._calls()
+    def forget(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
+        """Later callers of ``keys`` (or of keys with ``tags``) do not join calls in
+        flight, in any loop. Callable from any thread."""
+        key_set, tag_set = set(keys), set(tags)
+        while True:
+            try:
+                every = list(self._per_loop.values())
+                break
+            except RuntimeError:  # a loop's flights were added meanwhile
+                continue
+        for flights in every:
+            calls, flight_tags = flights.calls, flights.tags
+            for key in [
+                k for k in list(calls) if _matches(k, flight_tags.get(k, ()), key_set, tag_set)
+            ]:
+                calls.pop(key, None)
+                flight_tags.pop(key, None)
+
+    async def do(self, key: str, fn: Callable[[], Awaitable[T]], tags: tuple[str, ...] = ()) -> T:
+        loop, flights = self._flights()
+        calls = flights.calls
         while True:
             future = calls.get(key)
             if future is None:
-                return await self._lead(calls, key, fn, loop)
+                return await self._lead(flights, key, fn, loop, tags)
             try:
                 result: T = await asyncio.shield(future)
                 return result
@@ -118,13 +161,16 @@ class AsyncSingleFlight:
 
     async def _lead(
         self,
-        calls: dict[str, asyncio.Future[Any]],
+        flights: _Flights,
         key: str,
         fn: Callable[[], Awaitable[T]],
         loop: asyncio.AbstractEventLoop,
+        tags: tuple[str, ...],
     ) -> T:
         future: asyncio.Future[Any] = loop.create_future()
-        calls[key] = future
+        flights.calls[key] = future
+        if tags:
+            flights.tags[key] = tags
         try:
             result = await fn()
         except asyncio.CancelledError:
@@ -138,5 +184,19 @@ class AsyncSingleFlight:
             future.set_result(result)
             return result
         finally:
-            if calls.get(key) is future:
-                del calls[key]
+            flights.release(key, future)
+
+
+class _Flights:
+    """One loop's calls in flight, and the tags of those that have some."""
+
+    __slots__ = ("calls", "tags")
+
+    def __init__(self) -> None:
+        self.calls: dict[str, asyncio.Future[Any]] = {}
+        self.tags: dict[str, tuple[str, ...]] = {}
+
+    def release(self, key: str, future: asyncio.Future[Any]) -> None:
+        if self.calls.get(key) is future:  # not forgotten (and replaced) meanwhile
+            del self.calls[key]
+            self.tags.pop(key, None)
