@@ -235,6 +235,9 @@ def test_fill_and_explicit_set_write_every_storage_layer(
     """A decorated miss and cache.set() both store in the memory layer and in Redis."""
     memory = MemoryLayer()
     cache = closing(TieredCache(namespace=NS, layers=[memory, RedisLayer(url=redis_url)]))
+    # Subscribed before the first fill: a subscription that comes up late clears the
+    # in-process layer (it may have missed invalidations), which would race the asserts.
+    assert cache.connect(timeout=10)
 
     @cache.cached(ttl=60, name="f")
     def f(x: int) -> int:

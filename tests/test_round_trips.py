@@ -10,20 +10,28 @@ import redis
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache.keys import CacheKey
+from tieredcache.layers.direct import DirectClient
 
 
 class CommandCounter:
-    """Counts the commands a redis-py client sends (a pipeline counts once)."""
+    """Counts the commands the sync store sends (a pipeline counts once): those of
+    redis-py's client, and those of the per-thread sockets of the fast path."""
 
     def __init__(self, client: Any) -> None:
         self.names: list[str] = []
-        original = client.execute_command
+        if isinstance(client, DirectClient):
+            self._count(client.connections, "execute")
+            client = client.client
+        self._count(client, "execute_command")
+
+    def _count(self, target: Any, method: str) -> None:
+        original = getattr(target, method)
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             self.names.append(str(args[0]).upper())
             return original(*args, **kwargs)
 
-        client.execute_command = counting
+        setattr(target, method, counting)
 
     def take(self) -> list[str]:
         names, self.names = self.names, []

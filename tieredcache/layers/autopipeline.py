@@ -29,6 +29,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from .direct import connection_params
 from .multiplex import MultiplexedConnection
 
 __all__ = ["AutoPipeline"]
@@ -144,26 +145,8 @@ class AutoPipeline:
 
 def _multiplexed_for(client: Any, max_batch: int) -> MultiplexedConnection | None:
     """A multiplexed connection to the server of a standalone, plain-socket client."""
-    from redis.asyncio.connection import Connection, UnixDomainSocketConnection
-
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or hasattr(client, "nodes_manager"):
-        return None  # a cluster: pipelines per node
-    if pool.connection_class not in (Connection, UnixDomainSocketConnection):
-        return None  # TLS or a custom connection class: redis-py's pipelines
-    kwargs = pool.connection_kwargs
-    timeout = kwargs.get("socket_timeout") or 5.0
-    return MultiplexedConnection(
-        host=kwargs.get("host", "localhost"),
-        port=int(kwargs.get("port", 6379)),
-        path=kwargs.get("path") if pool.connection_class is UnixDomainSocketConnection else None,
-        username=kwargs.get("username"),
-        password=kwargs.get("password"),
-        db=int(kwargs.get("db") or 0),
-        timeout=timeout,
-        connect_timeout=kwargs.get("socket_connect_timeout") or timeout,
-        max_batch=max_batch,
-    )
+    params = connection_params(client, asynchronous=True)
+    return None if params is None else MultiplexedConnection(**params, max_batch=max_batch)
 
 
 class BatchedScript:

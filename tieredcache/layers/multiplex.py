@@ -32,28 +32,19 @@ from typing import Any
 import hiredis
 import redis.exceptions
 
+from .direct import ReplyError, handshake, parse_error
+
 # hiredis's stub types the command as a 1-tuple; it takes any number of arguments.
 _pack: Any = hiredis.pack_command
 
 __all__ = ["MultiplexedConnection"]
-
-try:  # redis-py's mapping of error replies to exception classes (NOSCRIPT, LOADING...)
-    from redis._parsers.base import BaseParser
-
-    _parse_error: Any = BaseParser.parse_error
-except ImportError:  # pragma: no cover - older or newer redis-py layouts
-    _parse_error = redis.exceptions.ResponseError
-
-
-class _ReplyError(Exception):
-    """What hiredis hands back for an error reply; turned into redis-py's class."""
 
 
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: MultiplexedConnection) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
-        self.reader = hiredis.Reader(replyError=_ReplyError)
+        self.reader = hiredis.Reader(replyError=ReplyError)
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self.answered = 0  # replies received, to match against the deadlines' marks
@@ -79,8 +70,8 @@ class _Protocol(asyncio.Protocol):
             self.answered += 1
             if future.done():
                 continue  # its caller was cancelled; the reply is consumed all the same
-            if isinstance(reply, _ReplyError):
-                future.set_exception(_parse_error(str(reply)))
+            if isinstance(reply, ReplyError):
+                future.set_exception(parse_error(str(reply)))
             else:
                 future.set_result(reply)
         if not waiting:
@@ -253,15 +244,10 @@ class MultiplexedConnection:
             _, protocol = await loop.create_unix_connection(factory, self._path)
         else:
             _, protocol = await loop.create_connection(factory, self._host, self._port)
-        handshake: list[Any] = []
-        username, password = self._auth
-        if password is not None:
-            handshake.append(("AUTH", username, password) if username else ("AUTH", password))
-        if self._db:
-            handshake.append(("SELECT", self._db))
-        if handshake:
-            futures = [loop.create_future() for _ in handshake]
-            self._write(protocol, [_pack(cmd) for cmd in handshake], futures)
+        commands = handshake(*self._auth, self._db)
+        if commands:
+            futures = [loop.create_future() for _ in commands]
+            self._write(protocol, [_pack(cmd) for cmd in commands], futures)
             try:
                 await asyncio.gather(*futures)
             except BaseException:

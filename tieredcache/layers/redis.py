@@ -52,9 +52,15 @@ class RedisLayer:
     cache's circuit breaker decides when to try again. ``tenant_slots``
     spreads one tenant over that many hash slots (default 1 standalone, 16 on a
     cluster). ``lease_ttl`` is how long an invalidation is remembered to refuse
-    a stale fill, so it must exceed your slowest loader. With ``auto_pipeline``
-    (async only), reads and fills issued by concurrent tasks while Redis is
-    busy leave together as one pipeline: one round trip for many callers.
+    a stale fill, so it must exceed your slowest loader.
+
+    ``fast_path`` (default on): the commands of reads and fills (GET and the
+    scripts) bypass redis-py's per-command machinery. Async: one multiplexed
+    connection per event loop carries every task's commands, written together
+    while replies are outstanding (:mod:`tieredcache.layers.multiplex`); on a
+    cluster or over TLS, redis-py pipelines gathered per loop turn instead.
+    Sync: a socket per thread (:mod:`tieredcache.layers.direct`), standalone
+    and plain sockets only. Everything else always uses redis-py.
     """
 
     stores_objects = False
@@ -74,7 +80,7 @@ class RedisLayer:
         lease_ttl: float = 600.0,
         max_connections: int = 256,
         pool_timeout: float = 1.0,
-        auto_pipeline: bool = True,
+        fast_path: bool = True,
         timer: Callable[[], float] = time.time,
     ) -> None:
         given = sum(x is not None for x in (url, cluster_nodes, client))
@@ -100,7 +106,7 @@ class RedisLayer:
         self._timeouts = (socket_timeout, connect_timeout)
         self._max_connections = max_connections
         self._pool_timeout = pool_timeout
-        self.auto_pipeline = auto_pipeline
+        self.fast_path = fast_path
         self._client = client
         self._async_client_factory = async_client_factory
         self._sync_store: RedisStore | None = None
@@ -159,6 +165,12 @@ class RedisLayer:
                     from ._sync.redis_store import RedisStore
 
                     client = self._client if self._client is not None else self._build(False)
+                    if self.fast_path:
+                        from .direct import DirectClient, connection_params
+
+                        params = connection_params(client, asynchronous=False)
+                        if params is not None:
+                            client = DirectClient(client, params)
                     self._sync_store = RedisStore(
                         client,
                         cluster=self.cluster,
@@ -188,7 +200,7 @@ class RedisLayer:
                 )
             else:
                 client = self._build(True)
-            if self.auto_pipeline:
+            if self.fast_path:
                 from .autopipeline import AutoPipeline
 
                 client = AutoPipeline(client)
