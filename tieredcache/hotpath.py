@@ -198,9 +198,7 @@ async def amiss(
             return found
     runner = cache.async_runner
     tags = tuple(tag.full for tag in req.tags) if req.tags else ()
-    return await cache.async_singleflight.do(
-        req.key.full, lambda: runner.run(read_flow(req), req), tags
-    )
+    return await cache.async_singleflight.do(req.key.full, runner.read, tags, req)
 
 
 # -- the wrappers: the hot path ------------------------------------------

@@ -36,6 +36,7 @@ from .flows import (
     Set,
     Unlock,
     WaitFill,
+    read_flow,
     unlock_flow,
 )
 from .layers.memory import MemoryLayer
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tieredcache")
 T = TypeVar("T")
+_FAILED: Any = object()  # a layer call that failed or was skipped
 
 
 class LayerGuard:
@@ -99,18 +101,19 @@ class LayerGuard:
         operation: str,
         function: str,
         counters: list[int] | None,
-        fn: Callable[[], T],
+        fn: Callable[..., T],
         default: T,
         failed: set[int] | None = None,
+        args: tuple[Any, ...] = (),
     ) -> T:
-        """``failed``: the request's set of layers that already failed it; a layer that
-        failed once is skipped for the rest of the request (one timeout, not one per
-        operation)."""
+        """``fn(*args)``, or ``default`` if the layer fails or is skipped. ``failed``:
+        the request's set of layers that already failed it; a layer that failed once
+        is skipped for the rest of the request (one timeout, not one per operation)."""
         if self.skips(failed):
             return default
         start = time.perf_counter()
         try:
-            result = fn()
+            result = fn(*args)
         except BackendError as exc:
             self.errored(operation, counters, failed, exc)
             return default
@@ -138,84 +141,70 @@ class LayerGuard:
         return result
 
 
-def _set_call(guard: LayerGuard, req: ReadRequest, op: Set, prefix: str) -> Callable[[], Any]:
-    layer = guard.layer
-    method = getattr(layer, prefix + "set")
-    if isinstance(layer, MemoryLayer):
+def _set_args(guard: LayerGuard, req: ReadRequest, op: Set) -> tuple[Any, ...]:
+    if guard.local:
         entry = op.entry
         # Inside this band before expiry XFetch may fire (P(-ln U > 10) = 4.5e-5).
         refresh_at = entry.fresh_until - entry.compute_time * req.policy.early_refresh_beta * 10
-        return lambda: method(
-            req.key, op.stored, entry, req.tags, op.lease, op.bump, req.alias, refresh_at
-        )
-    if op.unlock is not None:
-        return lambda: method(
-            req.key, op.stored, op.entry, req.tags, op.lease, op.bump, unlock=op.unlock
-        )
-    return lambda: method(req.key, op.stored, op.entry, req.tags, op.lease, op.bump)
+        return (req.key, op.stored, entry, req.tags, op.lease, op.bump, req.alias, refresh_at)
+    if op.unlock is not None:  # only ever the lock layer, a RedisLayer
+        return (req.key, op.stored, op.entry, req.tags, op.lease, op.bump, op.unlock)
+    return (req.key, op.stored, op.entry, req.tags, op.lease, op.bump)
 
 
-def _get_call(req: ReadRequest, position: int, layer: Any, prefix: str) -> Callable[[], Any]:
-    """In-process layers read with their (free) lease; shared layers with a plain get."""
-    if req.stores_objects[position]:
-        method = getattr(layer, prefix + "get_with_lease")
-        return lambda: method(req.key, req.tags)
-    get = getattr(layer, prefix + "get")
-    if prefix:
-
-        async def shared() -> Any:
-            return await get(req.key), None
-
-        return shared
-    return lambda: (get(req.key), None)
-
-
-LayerCall = tuple[LayerGuard, str, Callable[[], Any], Any]
+# (guard, operation name, method, its arguments, result if it fails, whether the
+# method's result is a shared read to pair with a None lease). Methods and argument
+# tuples rather than closures: a miss keeps fewer objects alive while it waits.
+LayerCall = tuple[LayerGuard, str, Callable[..., Any], tuple[Any, ...], Any, bool]
 
 
 def layer_call(cache: TieredCache, op: Any, req: ReadRequest, prefix: str) -> LayerCall | None:
-    """For an operation on one layer: (guard, operation name, call, result if it fails).
+    """For an operation on one layer, what to call and how (see ``LayerCall``).
 
     ``prefix`` is "" for the sync methods and "a" for their async twins; the
     runners differ only in whether they await the call. In-process layers
     (``guard.local``) are always called through their sync methods.
     """
     kind = type(op)
+    if kind is Lock or kind is Unlock:
+        guard = cache.guards[op.layer]
+    elif kind in _STORAGE_OPS:
+        guard = cache.guards[req.storage[op.layer]]
+    else:
+        return None
+    layer = guard.layer
+    if guard.local:
+        prefix = ""
     if kind is Get:
-        guard = cache.guards[req.storage[op.layer]]
-        prefix = "" if guard.local else prefix
-        return guard, "get", _get_call(req, op.layer, guard.layer, prefix), (None, None)
+        if req.stores_objects[op.layer]:  # in-process layers read with their (free) lease
+            method = getattr(layer, prefix + "get_with_lease")
+            return guard, "get", method, (req.key, req.tags), (None, None), False
+        # shared layers with a plain get; their lease comes later
+        return guard, "get", getattr(layer, prefix + "get"), (req.key,), (None, None), True
     if kind is GetOrLock:
-        guard = cache.guards[req.storage[op.layer]]
-        prefix = "" if guard.local else prefix
-        fused = getattr(guard.layer, prefix + "get_or_lock_fill")
-        call = lambda: fused(req.key, req.tags, op.token, op.ttl)  # noqa: E731
-        return guard, "get", call, (None, None, None)
-    if kind is Lease:
-        guard = cache.guards[req.storage[op.layer]]
-        prefix = "" if guard.local else prefix
-        lease = getattr(guard.layer, prefix + "lease")
-        return guard, "lease", lambda: lease(req.key, req.tags), None
+        method = getattr(layer, prefix + "get_or_lock_fill")
+        return (
+            guard,
+            "get",
+            method,
+            (req.key, req.tags, op.token, op.ttl),
+            (None, None, None),
+            False,
+        )
     if kind is Set:
-        guard = cache.guards[req.storage[op.layer]]
-        prefix = "" if guard.local else prefix
-        return guard, "set", _set_call(guard, req, op, prefix), None
+        return guard, "set", getattr(layer, prefix + "set"), _set_args(guard, req, op), None, False
+    if kind is Lease:
+        return guard, "lease", getattr(layer, prefix + "lease"), (req.key, req.tags), None, False
     if kind is Delete:
-        guard = cache.guards[req.storage[op.layer]]
-        prefix = "" if guard.local else prefix
-        delete = getattr(guard.layer, prefix + "delete")
-        return guard, "delete", lambda: delete([req.key]), None
+        return guard, "delete", getattr(layer, prefix + "delete"), ([req.key],), None, False
     if kind is Lock:
-        guard = cache.guards[op.layer]
-        prefix = "" if guard.local else prefix
-        acquire = getattr(guard.layer, prefix + "acquire_fill_lock")
-        return guard, "lock", lambda: acquire(req.key, req.tags, op.token, op.ttl), (None, None)
-    if kind is Unlock:
-        guard = cache.guards[op.layer]
-        prefix = "" if guard.local else prefix
-        release = getattr(guard.layer, prefix + "release_fill_lock")
-        return guard, "unlock", lambda: release(req.key, op.token), None
-    return None
+        method = getattr(layer, prefix + "acquire_fill_lock")
+        return guard, "lock", method, (req.key, req.tags, op.token, op.ttl), (None, None), False
+    method = getattr(layer, prefix + "release_fill_lock")
+    return guard, "unlock", method, (req.key, op.token), None, False
+
+
+_STORAGE_OPS = (Get, GetOrLock, Set, Lease, Delete)
 
 
 def settle(op: Any, req: ReadRequest, guard: LayerGuard, result: Any) -> Any:
@@ -296,9 +285,13 @@ class SyncRunner:
             done = prefetched(op, req)
             if done is not MISSING:
                 return done
-            guard, name, fn, default = call
+            guard, name, method, args, default, pair = call
             failed = None if getattr(op, "force", False) else req.failed
-            result = guard.call(name, req.function, req.counters, fn, default, failed)
+            result = guard.call(name, req.function, req.counters, method, _FAILED, failed, args)
+            if result is _FAILED:
+                result = default
+            elif pair:
+                result = (result, None)
             return settle(op, req, guard, result)
         kind = type(op)
         if kind is Load:
@@ -402,6 +395,9 @@ class AsyncRunner:
                 call = layer_call(cache, op, req, "a")  # type: ignore[arg-type]
                 if call is None:
                     try:
+                        if type(op) is Load:  # not through dispatch(): one frame fewer
+                            send = await self._load(op, req)  # type: ignore[arg-type]
+                            continue
                         send = await self.dispatch(op, req)  # type: ignore[arg-type]
                     except Exception as exc:  # the loader's exception goes back into the flow
                         error = exc
@@ -409,17 +405,17 @@ class AsyncRunner:
                 send = prefetched(op, req)  # type: ignore[arg-type]
                 if send is not MISSING:
                     continue
-                guard, name, fn, result = call
+                guard, name, method, args, result, pair = call
                 failed = None if getattr(op, "force", False) else req.failed  # type: ignore[union-attr]
                 if not guard.skips(failed):
                     start = time.perf_counter()
                     try:
-                        done = fn() if guard.local else await fn()
+                        done = method(*args) if guard.local else await method(*args)
                     except BackendError as exc:
                         guard.errored(name, req.counters, failed, exc)  # type: ignore[union-attr]
                     else:
                         guard.succeeded(req.function, name, start)  # type: ignore[union-attr]
-                        result = done
+                        result = (done, None) if pair else done
                 send = settle(op, req, guard, result)  # type: ignore[arg-type]
         except BaseException:
             flow.close()
@@ -428,6 +424,10 @@ class AsyncRunner:
                 # in a task of its own, since this one is being cancelled.
                 self.cache.background.arun(unlock_flow(req), req)
             raise
+
+    async def read(self, req: ReadRequest) -> Any:
+        """Run the read flow of ``req`` (what a single-flight leader does on a miss)."""
+        return await self.run(read_flow(req), req)
 
     async def _invalidate(self, op: Invalidate) -> bool:
         guard = self.cache.guards[op.layer]
@@ -467,10 +467,15 @@ class AsyncRunner:
     async def _load(self, op: Load, req: ReadRequest) -> Any:
         req.counters[req.loader_base + LOAD_CALLS] += 1
         start = time.perf_counter()
-        timeout = op.soft_timeout if op.soft_timeout is not None else op.hard_timeout
-        if timeout is None:
+        if op.soft_timeout is None and op.hard_timeout is None:
             value = await req.loader()
             return value, time.perf_counter() - start
+        # (a method of its own: its closure's cells would otherwise be made for every load)
+        return await self._timed_load(op, req, start)
+
+    async def _timed_load(self, op: Load, req: ReadRequest, start: float) -> Any:
+        timeout = op.soft_timeout if op.soft_timeout is not None else op.hard_timeout
+        assert timeout is not None
         task = asyncio.ensure_future(req.loader())
         try:
             value = await asyncio.wait_for(asyncio.shield(task), timeout)

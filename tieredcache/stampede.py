@@ -143,48 +143,49 @@ class AsyncSingleFlight:
                 calls.pop(key, None)
                 flight_tags.pop(key, None)
 
-    async def do(self, key: str, fn: Callable[[], Awaitable[T]], tags: tuple[str, ...] = ()) -> T:
+    async def do(
+        self,
+        key: str,
+        fn: Callable[..., Awaitable[T]],
+        tags: tuple[str, ...] = (),
+        *args: Any,
+    ) -> T:
+        """``fn(*args)`` once for every concurrent caller of ``key`` in this loop.
+
+        The leader runs it inline in this coroutine (one frame fewer kept alive
+        while it awaits, which the garbage collector would otherwise walk).
+        """
         loop, flights = self._flights()
         calls = flights.calls
         while True:
             future = calls.get(key)
-            if future is None:
-                return await self._lead(flights, key, fn, loop, tags)
+            if future is not None:
+                try:
+                    result: T = await asyncio.shield(future)
+                    return result
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if future.cancelled() and (task is None or not task.cancelling()):
+                        continue  # the leader was cancelled, not us: take over
+                    raise
+            future = loop.create_future()
+            calls[key] = future
+            if tags:
+                flights.tags[key] = tags
             try:
-                result: T = await asyncio.shield(future)
-                return result
+                result = await fn(*args)
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if future.cancelled() and (task is None or not task.cancelling()):
-                    continue  # the leader was cancelled, not us: take over
+                future.cancel()
                 raise
-
-    async def _lead(
-        self,
-        flights: _Flights,
-        key: str,
-        fn: Callable[[], Awaitable[T]],
-        loop: asyncio.AbstractEventLoop,
-        tags: tuple[str, ...],
-    ) -> T:
-        future: asyncio.Future[Any] = loop.create_future()
-        flights.calls[key] = future
-        if tags:
-            flights.tags[key] = tags
-        try:
-            result = await fn()
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: every waiter re-raises it
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            flights.release(key, future)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: every waiter re-raises it
+                raise
+            else:
+                future.set_result(result)
+                return result
+            finally:
+                flights.release(key, future)
 
 
 class _Flights:

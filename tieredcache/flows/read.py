@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ..entry import Entry
@@ -153,6 +153,15 @@ def _backfill(req: ReadRequest, entry: Entry, leases: list[Any], found_at: int) 
             return
 
 
+def _late_fill(
+    req: ReadRequest, leases: list[Any], token: str | None
+) -> Callable[[Any, float], Flow]:
+    def late(value: Any, seconds: float) -> Flow:
+        return fill_flow(req, value, seconds, leases, token)
+
+    return late
+
+
 def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> Flow:
     """Load under the fill lock (if any), then fill every layer; fail-safe on errors."""
     policy = req.policy
@@ -191,9 +200,9 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
 
     soft = policy.soft_timeout if stale is not None else None
 
-    def late(value: Any, seconds: float) -> Flow:
-        return fill_flow(req, value, seconds, leases, token)
-
+    # The fill of a load that outlives its soft timeout; none without a soft timeout
+    # (a closure per miss would only keep objects alive for the collector to walk).
+    late = None if soft is None else _late_fill(req, leases, token)
     try:
         loaded = yield Load(soft, policy.hard_timeout, late)
     except Exception as exc:
