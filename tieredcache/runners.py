@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .breaker import CircuitBreaker
@@ -395,8 +395,14 @@ class AsyncRunner:
                 call = layer_call(cache, op, req, "a")  # type: ignore[arg-type]
                 if call is None:
                     try:
-                        if type(op) is Load:  # not through dispatch(): one frame fewer
-                            send = await self._load(op, req)  # type: ignore[arg-type]
+                        if type(op) is Load:  # not through dispatch(): frames fewer
+                            if op.soft_timeout is None and op.hard_timeout is None:
+                                req.counters[req.loader_base + LOAD_CALLS] += 1  # type: ignore[union-attr]
+                                start = time.perf_counter()
+                                value = await req.loader()  # type: ignore[union-attr]
+                                send = (value, time.perf_counter() - start)
+                            else:
+                                send = await self._timed_load(op, req)  # type: ignore[arg-type]
                             continue
                         send = await self.dispatch(op, req)  # type: ignore[arg-type]
                     except Exception as exc:  # the loader's exception goes back into the flow
@@ -425,9 +431,10 @@ class AsyncRunner:
                 self.cache.background.arun(unlock_flow(req), req)
             raise
 
-    async def read(self, req: ReadRequest) -> Any:
-        """Run the read flow of ``req`` (what a single-flight leader does on a miss)."""
-        return await self.run(read_flow(req), req)
+    def read(self, req: ReadRequest) -> Coroutine[Any, Any, Any]:
+        """The read flow of ``req`` run (what a single-flight leader awaits on a miss);
+        a plain function returning the coroutine, so no frame of its own is kept."""
+        return self.run(read_flow(req), req)
 
     async def _invalidate(self, op: Invalidate) -> bool:
         guard = self.cache.guards[op.layer]
@@ -449,8 +456,6 @@ class AsyncRunner:
         """The operations that are not a call on one layer (those run in :meth:`run`)."""
         cache = self.cache
         kind = type(op)
-        if kind is Load:
-            return await self._load(op, req)
         if kind is WaitFill:
             return await self._wait_fill(op, req)
         if kind is Refresh:
@@ -464,16 +469,11 @@ class AsyncRunner:
             return await cache.replicas.apublish(op.keys, op.tags)
         raise TypeError(f"unknown operation {op!r}")
 
-    async def _load(self, op: Load, req: ReadRequest) -> Any:
+    async def _timed_load(self, op: Load, req: ReadRequest) -> Any:
+        """A load with a soft or hard timeout (an untimed one is awaited in :meth:`run`;
+        this closure's cells would otherwise be made for every load)."""
         req.counters[req.loader_base + LOAD_CALLS] += 1
         start = time.perf_counter()
-        if op.soft_timeout is None and op.hard_timeout is None:
-            value = await req.loader()
-            return value, time.perf_counter() - start
-        # (a method of its own: its closure's cells would otherwise be made for every load)
-        return await self._timed_load(op, req, start)
-
-    async def _timed_load(self, op: Load, req: ReadRequest, start: float) -> Any:
         timeout = op.soft_timeout if op.soft_timeout is not None else op.hard_timeout
         assert timeout is not None
         task = asyncio.ensure_future(req.loader())
