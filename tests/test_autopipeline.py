@@ -141,7 +141,7 @@ async def test_a_dead_server_fails_every_caller_and_leaks_nothing(unused_tcp_por
         )
         assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
         if pipeline.multiplexed is not None:
-            assert not pipeline.multiplexed._buffer and pipeline.multiplexed._connecting is None
+            assert not pipeline.multiplexed._buffer and not pipeline.multiplexed._connecting
         else:
             assert pipeline._busy == 0 and not pipeline._queue
         await pipeline.aclose()
@@ -255,3 +255,14 @@ async def test_batches_reach_every_node_of_a_cluster(
     stats = cache.stats().layers["redis"]
     assert stats.errors == 0 and stats.hits == len(first)
     await cache.aclose()
+
+
+async def test_closing_while_connecting_keeps_no_connection(redis_url: str) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    connection = MultiplexedConnection(port=port)
+    pending = connection.execute("PING")  # starts connecting
+    await connection.aclose()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await pending
+    await asyncio.sleep(0.05)  # the connect finishes after the close
+    assert connection._protocol is None

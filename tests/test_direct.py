@@ -178,3 +178,46 @@ def test_a_sync_cache_reads_and_fills_through_it(redis_url: str) -> None:
     stats = cache.stats().layers["redis"]
     assert (stats.hits, stats.errors) == (20, 0)
     cache.close()
+
+
+def test_the_socket_of_a_thread_that_ended_is_closed(redis_url: str) -> None:
+    import gc
+
+    base = redis.Redis.from_url(redis_url)
+    client = DirectClient(base, connection_params(base, False) or {})
+    base.set("dt:t", b"1")
+
+    def read() -> None:
+        assert client.get("dt:t") == b"1"
+
+    for _ in range(30):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    gc.collect()
+    assert len(client.connections._open) == 0  # one per live thread, none per dead one
+    client.close()
+
+
+def test_a_client_with_a_credential_provider_keeps_redis_py(fresh_redis_server: Any) -> None:
+    from redis.credentials import UsernamePasswordCredentialProvider
+
+    redis.Redis.from_url(fresh_redis_server.url).config_set("requirepass", "s3cret")
+    host, port = fresh_redis_server.url.split("//", 1)[1].split("/", 1)[0].split(":")
+    provider = UsernamePasswordCredentialProvider(password="s3cret")
+    client = redis.Redis(host=host, port=int(port), credential_provider=provider)
+    assert connection_params(client, False) is None  # fetched per connection: not ours
+    layer = RedisLayer(client=client)
+    cache = TieredCache("dt", [layer], broadcast=False)
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    def item(n: int) -> int:
+        calls.append(n)
+        return n
+
+    with tenant_scope("acme"):
+        assert [item(1), item(1), item(1)] == [1, 1, 1]
+    assert calls == [1]
+    assert cache.stats().layers["redis"].errors == 0
+    cache.close()

@@ -212,3 +212,37 @@ async def test_flaky_layer_degrades_a_shared_layer_to_the_loader(redis_url: str)
         assert calls == 2  # now it did
     assert cache.stats().layers["redis"].errors >= 1
     await cache.aclose()
+
+
+@pytest.mark.redis
+async def test_a_read_cancelled_while_its_lock_attempt_is_on_the_wire_releases_it(
+    redis_url: str,
+) -> None:
+    """Behind an in-process layer the miss's first command takes the fill lock; a caller
+    cancelled before its reply came back must not leave that lock for others to wait on."""
+    memory = MemoryLayer()
+    layer = RedisLayer(url=redis_url, key_prefix="cancel")
+    cache = TieredCache("paths", [memory, layer], broadcast=False)
+
+    @cache.cached(ttl=60, lock_wait=2.0)
+    async def item(n: int) -> int:
+        await asyncio.sleep(0.01)
+        return n
+
+    with tenant_scope("acme"):
+        assert await item(0) == 0  # connected, scripts loaded
+        key = item.key(1)
+        task = asyncio.ensure_future(item(1))
+        await asyncio.sleep(0)  # its read-or-lock is written, the reply not yet read
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            if not await layer.afill_lock_held(key):
+                break
+            await asyncio.sleep(0.02)
+        assert not await layer.afill_lock_held(key), "a cancelled read kept the fill lock"
+        began = time.monotonic()
+        assert await item(1) == 1
+        assert time.monotonic() - began < 1.0  # no wait for a lock nobody holds
+    await cache.aclose()

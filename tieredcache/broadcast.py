@@ -282,6 +282,8 @@ class Replicas:
             )
         for layer in self._memory_layers():
             layer.clear()
+        # Invalidations may have been missed: no later caller joins a load from before.
+        self.cache.forget_in_flight((), (), everything=True)
 
     def _guard(self) -> Any:
         return self.cache.guards[self.cache.layers.index(self.redis)]  # type: ignore[arg-type]

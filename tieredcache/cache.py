@@ -406,10 +406,15 @@ class TieredCache:
         self.forget_in_flight(cache_keys, cache_tags)
         return self._result(failed)
 
-    def forget_in_flight(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
-        """After an invalidation or a write: later callers of these keys (or tags) start
-        a load of their own instead of joining one that began before it."""
-        if keys or tags:
+    def forget_in_flight(
+        self, keys: Sequence[CacheKey], tags: Sequence[Tag], everything: bool = False
+    ) -> None:
+        """After an invalidation or a write: later callers of these keys (or tags, or of
+        every key) start a load of their own instead of joining one that began before it."""
+        if everything:
+            self.singleflight.forget(everything=True)
+            self.async_singleflight.forget(everything=True)
+        elif keys or tags:
             full_keys = [key.full for key in keys]
             tag_names = [tag.full for tag in tags]
             self.singleflight.forget(full_keys, tag_names)

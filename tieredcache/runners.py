@@ -205,6 +205,7 @@ def layer_call(cache: TieredCache, op: Any, req: ReadRequest, prefix: str) -> La
 
 
 _STORAGE_OPS = (Get, GetOrLock, Set, Lease, Delete)
+_LOCKING = (Lock, GetOrLock)
 
 
 def settle(op: Any, req: ReadRequest, guard: LayerGuard, result: Any) -> Any:
@@ -216,11 +217,9 @@ def settle(op: Any, req: ReadRequest, guard: LayerGuard, result: Any) -> Any:
         if op.unlock is not None and result is not None:
             req.lock_token = None
     elif kind is Lock:
-        if result[0]:
-            req.lock_token = op.token
+        req.lock_token = op.token if result[0] else None
     elif kind is GetOrLock:
-        if result[1]:
-            req.lock_token = op.token
+        req.lock_token = op.token if result[1] else None
     elif kind is Unlock:
         req.lock_token = None
     elif kind is Delete:
@@ -287,6 +286,8 @@ class SyncRunner:
                 return done
             guard, name, method, args, default, pair = call
             failed = None if getattr(op, "force", False) else req.failed
+            if type(op) in _LOCKING:  # see AsyncRunner.run
+                req.lock_token = op.token
             result = guard.call(name, req.function, req.counters, method, _FAILED, failed, args)
             if result is _FAILED:
                 result = default
@@ -413,6 +414,11 @@ class AsyncRunner:
                     continue
                 guard, name, method, args, result, pair = call
                 failed = None if getattr(op, "force", False) else req.failed  # type: ignore[union-attr]
+                if type(op) in _LOCKING:
+                    # Held from the moment the attempt may reach Redis: a caller cancelled
+                    # while the reply is on its way still releases (compare-and-delete, so
+                    # harmless if the lock was not taken); settle() corrects it.
+                    req.lock_token = op.token  # type: ignore[union-attr]
                 if not guard.skips(failed):
                     start = time.perf_counter()
                     try:

@@ -45,12 +45,17 @@ class SingleFlight:
         self._tags: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
 
-    def forget(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
-        """Later callers of ``keys`` (or of keys with ``tags``) do not join calls in flight."""
+    def forget(
+        self, keys: Iterable[str] = (), tags: Iterable[str] = (), everything: bool = False
+    ) -> None:
+        """Later callers of ``keys`` (or of keys with ``tags``, or of any key) do not join
+        calls in flight."""
         key_set, tag_set = set(keys), set(tags)
         with self._lock:
             for key in [
-                k for k in self._calls if _matches(k, self._tags.get(k, ()), key_set, tag_set)
+                k
+                for k in self._calls
+                if everything or _matches(k, self._tags.get(k, ()), key_set, tag_set)
             ]:
                 del self._calls[key]
                 self._tags.pop(key, None)
@@ -125,9 +130,11 @@ class AsyncSingleFlight:
     def in_flight(self, key: str) -> bool:
         return key in self._flights()[1].calls
 
-    def forget(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
-        """Later callers of ``keys`` (or of keys with ``tags``) do not join calls in
-        flight, in any loop. Callable from any thread."""
+    def forget(
+        self, keys: Iterable[str] = (), tags: Iterable[str] = (), everything: bool = False
+    ) -> None:
+        """Later callers of ``keys`` (or of keys with ``tags``, or of any key) do not join
+        calls in flight, in any loop. Callable from any thread."""
         key_set, tag_set = set(keys), set(tags)
         while True:
             try:
@@ -138,7 +145,9 @@ class AsyncSingleFlight:
         for flights in every:
             calls, flight_tags = flights.calls, flights.tags
             for key in [
-                k for k in list(calls) if _matches(k, flight_tags.get(k, ()), key_set, tag_set)
+                k
+                for k in list(calls)
+                if everything or _matches(k, flight_tags.get(k, ()), key_set, tag_set)
             ]:
                 calls.pop(key, None)
                 flight_tags.pop(key, None)
@@ -199,5 +208,6 @@ class _Flights:
 
     def release(self, key: str, future: asyncio.Future[Any]) -> None:
         if self.calls.get(key) is future:  # not forgotten (and replaced) meanwhile
-            del self.calls[key]
+            # pop, not del: forget() may drop it from another thread in between
+            self.calls.pop(key, None)
             self.tags.pop(key, None)

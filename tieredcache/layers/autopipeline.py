@@ -70,8 +70,13 @@ class AutoPipeline:
         if loading is None:
             loading = asyncio.ensure_future(self.client.script_load(script))
             self._loading[script] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(script, None))
+            loading.add_done_callback(lambda done: self._loaded(script, done))
         return await asyncio.shield(loading)
+
+    def _loaded(self, script: Any, done: asyncio.Future[Any]) -> None:
+        self._loading.pop(script, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: its awaiters may all have gone away
 
     def get(self, name: str) -> Awaitable[Any]:
         if self.multiplexed is not None:

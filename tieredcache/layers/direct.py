@@ -60,6 +60,8 @@ def connection_params(client: Any, asynchronous: bool) -> dict[str, Any] | None:
     if pool.connection_class not in (Connection, UnixDomainSocketConnection):
         return None
     kwargs = pool.connection_kwargs
+    if kwargs.get("credential_provider") is not None:
+        return None  # credentials fetched per connection (IAM tokens...): redis-py's job
     timeout = kwargs.get("socket_timeout") or 5.0
     unix = pool.connection_class is UnixDomainSocketConnection
     return {
@@ -118,7 +120,8 @@ class DirectConnections:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._local = threading.local()
-        self._open: set[_Socket] = set()
+        # Weak: a thread that ended drops its socket, whose finalizer closes it.
+        self._open: weakref.WeakSet[_Socket] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -169,6 +172,9 @@ class DirectConnections:
             if self._family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.timeout)
+        except TimeoutError:
+            sock.close()
+            raise redis.exceptions.TimeoutError(f"Timeout connecting to {self.address}") from None
         except OSError as exc:
             sock.close()
             raise redis.exceptions.ConnectionError(
@@ -200,7 +206,7 @@ class DirectConnections:
         """Close every thread's socket; later commands fail."""
         self._closed = True
         with self._lock:
-            sockets, self._open = self._open, set()
+            sockets, self._open = list(self._open), weakref.WeakSet()
         for conn in sockets:
             if conn.pid == os.getpid():
                 conn.sock.close()

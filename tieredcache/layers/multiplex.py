@@ -128,7 +128,8 @@ class MultiplexedConnection:
         self.writes = 0  # socket writes, for tests and benchmarks
         self.commands = 0
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._connecting = False
+        self._connect_task: asyncio.Task[None] | None = None
         self._buffer: list[bytes] = []
         self._buffered: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
@@ -173,6 +174,13 @@ class MultiplexedConnection:
             return
         buffer, futures = self._buffer, self._buffered
         self._buffer, self._buffered = [], []
+        if any(future.done() for future in futures):
+            # Callers cancelled before their command left: it does not leave at all (a
+            # lock attempt of a caller that went away would otherwise take the lock).
+            kept = [(cmd, fut) for cmd, fut in zip(buffer, futures, strict=True) if not fut.done()]
+            if not kept:
+                return
+            buffer, futures = [cmd for cmd, _ in kept], [fut for _, fut in kept]
         self._write(protocol, buffer, futures)
 
     def _write(self, protocol: _Protocol, packed: list[bytes], futures: list[Any]) -> None:
@@ -208,33 +216,46 @@ class MultiplexedConnection:
 
     # -- connection -------------------------------------------------------------
     def _ensure_connecting(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._connecting is None and not self._closed:
-            self._connecting = loop.create_future()
-            loop.create_task(self._connect(loop))
+        if not self._connecting and not self._closed:
+            self._connecting = True
+            # Referenced until it ends: the loop itself keeps only a weak reference.
+            self._connect_task = loop.create_task(self._connect(loop))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
-        connecting = self._connecting
-        assert connecting is not None
         try:
             protocol = await asyncio.wait_for(self._open(loop), self.connect_timeout)
-        except Exception as exc:
-            error = exc
-            if isinstance(exc, (TimeoutError, OSError)):
+        except BaseException as exc:
+            self._connecting = False
+            error: BaseException
+            if isinstance(exc, TimeoutError):
+                error = redis.exceptions.TimeoutError(f"Timeout connecting to {self.address}")
+            elif isinstance(exc, OSError):
                 error = redis.exceptions.ConnectionError(
-                    f"Error connecting to {self.address}: {exc or 'timed out'}"
+                    f"Error connecting to {self.address}: {exc}"
                 )
-            futures, self._buffer, self._buffered = self._buffered, [], []
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-            self._connecting = None
-            connecting.set_exception(error)
-            connecting.exception()  # retrieved: the callers got it through their futures
+            elif isinstance(exc, Exception):
+                error = exc  # AUTH or SELECT refused
+            else:  # cancelled: the loop is closing
+                error = redis.exceptions.ConnectionError(f"connecting to {self.address} stopped")
+            self._fail_buffered(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._connecting = False
+        if self._closed:  # closed while connecting: this connection is not kept
+            protocol.closed = True
+            if protocol.transport is not None:
+                protocol.transport.close()
+            self._fail_buffered(redis.exceptions.ConnectionError("connection closed"))
             return
         self._protocol = protocol
-        self._connecting = None
-        connecting.set_result(protocol)
         self._flush()
+
+    def _fail_buffered(self, error: BaseException) -> None:
+        futures, self._buffer, self._buffered = self._buffered, [], []
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
         def factory() -> _Protocol:
@@ -268,10 +289,7 @@ class MultiplexedConnection:
     async def aclose(self) -> None:
         self._closed = True
         error = redis.exceptions.ConnectionError("connection closed")
-        futures, self._buffer, self._buffered = self._buffered, [], []
-        for future in futures:
-            if not future.done():
-                future.set_exception(error)
+        self._fail_buffered(error)
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.closed = True
