@@ -21,12 +21,13 @@ from .flows import (
     set_flow,
 )
 from .keys import CacheKey, Tag, make_tags, validate_namespace
+from .layercalls import LayerGuard
 from .layers.base import InvalidationLayer, StorageLayer
 from .layers.memory import MemoryLayer
 from .layers.redis import RedisLayer
 from .metrics import CacheStats, Metrics
 from .policy import Policy
-from .runners import AsyncRunner, LayerGuard, SyncRunner
+from .runners import AsyncRunner, SyncRunner
 from .serde import EntryCodec, MsgpackSerializer, Serializer
 from .stampede import AsyncSingleFlight, SingleFlight
 from .tenancy import current_tenant, tenant_scope, validate_tenant
