@@ -60,7 +60,8 @@ class RedisLayer:
     while replies are outstanding (:mod:`tieredcache.layers.multiplex`); on a
     cluster or over TLS, redis-py pipelines gathered per loop turn instead.
     Sync: a socket per thread (:mod:`tieredcache.layers.direct`), standalone
-    and plain sockets only. Everything else always uses redis-py.
+    and plain sockets only. A client with a ``credential_provider`` keeps
+    redis-py throughout. Everything else always uses redis-py.
     """
 
     stores_objects = False
