@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
+
+from .perloop import PerLoop
 
 __all__ = ["AsyncSingleFlight", "SingleFlight"]
 
@@ -109,26 +110,10 @@ class AsyncSingleFlight:
     """
 
     def __init__(self) -> None:
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flights] = (
-            weakref.WeakKeyDictionary()
-        )
-        # The last loop's flights: one loop is the common case, and a weak-key lookup
-        # costs more than the rest of a hit's bookkeeping. Weak, like the mapping.
-        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], _Flights] | None = None
-
-    def _flights(self) -> tuple[asyncio.AbstractEventLoop, _Flights]:
-        loop = asyncio.get_running_loop()
-        last = self._last
-        if last is not None and last[0]() is loop:
-            return loop, last[1]
-        flights = self._per_loop.get(loop)
-        if flights is None:
-            flights = self._per_loop.setdefault(loop, _Flights())
-        self._last = (weakref.ref(loop), flights)
-        return loop, flights
+        self._per_loop: PerLoop[_Flights] = PerLoop()
 
     def in_flight(self, key: str) -> bool:
-        return key in self._flights()[1].calls
+        return key in self._per_loop.get(_Flights).calls
 
     def forget(
         self, keys: Iterable[str] = (), tags: Iterable[str] = (), everything: bool = False
@@ -136,13 +121,7 @@ class AsyncSingleFlight:
         """Later callers of ``keys`` (or of keys with ``tags``, or of any key) do not join
         calls in flight, in any loop. Callable from any thread."""
         key_set, tag_set = set(keys), set(tags)
-        while True:
-            try:
-                every = list(self._per_loop.values())
-                break
-            except RuntimeError:  # a loop's flights were added meanwhile
-                continue
-        for flights in every:
+        for flights in self._per_loop.values():
             calls, flight_tags = flights.calls, flights.tags
             for key in [
                 k
@@ -164,7 +143,7 @@ class AsyncSingleFlight:
         The leader runs it inline in this coroutine (one frame fewer kept alive
         while it awaits, which the garbage collector would otherwise walk).
         """
-        loop, flights = self._flights()
+        flights = self._per_loop.get(_Flights)
         calls = flights.calls
         while True:
             future = calls.get(key)
@@ -177,7 +156,7 @@ class AsyncSingleFlight:
                     if future.cancelled() and (task is None or not task.cancelling()):
                         continue  # the leader was cancelled, not us: take over
                     raise
-            future = loop.create_future()
+            future = asyncio.get_running_loop().create_future()
             calls[key] = future
             if tags:
                 flights.tags[key] = tags

@@ -9,10 +9,8 @@ how keys map to cluster slots.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -20,6 +18,7 @@ from urllib.parse import urlparse
 from ..entry import Entry
 from ..errors import BackendError, ConfigurationError, MissingExtraError
 from ..keys import CacheKey, Tag
+from ..perloop import PerLoop
 from .redis_keyspace import RedisKeyspace
 
 if TYPE_CHECKING:  # the stores import redis-py: loaded on first use, so the extra stays optional
@@ -111,11 +110,7 @@ class RedisLayer:
         self._client = client
         self._async_client_factory = async_client_factory
         self._sync_store: RedisStore | None = None
-        self._async_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisStore]
-        self._async_stores = weakref.WeakKeyDictionary()
-        # The last loop's store, for the common one-loop case (a strong reference to
-        # at most one loop, dropped when that loop's store is closed).
-        self._last_async: tuple[asyncio.AbstractEventLoop, AsyncRedisStore] | None = None
+        self._async_stores: PerLoop[AsyncRedisStore] = PerLoop()
         self._lock = threading.Lock()
 
     # -- clients ---------------------------------------------------------------
@@ -183,38 +178,32 @@ class RedisLayer:
         return store
 
     def async_store(self) -> AsyncRedisStore:
-        loop = asyncio.get_running_loop()
-        last = self._last_async
-        if last is not None and last[0] is loop:  # one loop is the common case
-            return last[1]
-        store = self._async_stores.get(loop)
-        if store is None:
-            _import_redis()
-            from ._async.redis_store import AsyncRedisStore
+        return self._async_stores.get(self._new_async_store)
 
-            if self._async_client_factory is not None:
-                client = self._async_client_factory()
-            elif self._client is not None:
-                raise ConfigurationError(
-                    f"RedisLayer {self.name!r} was given a sync client; pass "
-                    "async_client_factory= to use it from async code"
-                )
-            else:
-                client = self._build(True)
-            if self.fast_path:
-                from .autopipeline import AutoPipeline
+    def _new_async_store(self) -> AsyncRedisStore:
+        _import_redis()
+        from ._async.redis_store import AsyncRedisStore
 
-                client = AutoPipeline(client)
-            store = AsyncRedisStore(
-                client,
-                cluster=self.cluster,
-                keyspace=self.keyspace,
-                layer=self.name,
-                gen_px=int(self.lease_ttl * 1000),
+        if self._async_client_factory is not None:
+            client = self._async_client_factory()
+        elif self._client is not None:
+            raise ConfigurationError(
+                f"RedisLayer {self.name!r} was given a sync client; pass "
+                "async_client_factory= to use it from async code"
             )
-            self._async_stores[loop] = store
-        self._last_async = (loop, store)
-        return store
+        else:
+            client = self._build(True)
+        if self.fast_path:
+            from .autopipeline import AutoPipeline
+
+            client = AutoPipeline(client)
+        return AsyncRedisStore(
+            client,
+            cluster=self.cluster,
+            keyspace=self.keyspace,
+            layer=self.name,
+            gen_px=int(self.lease_ttl * 1000),
+        )
 
     # -- leases and TTLs -----------------------------------------------------
     def _px(self, entry: Entry) -> int:
@@ -374,10 +363,7 @@ class RedisLayer:
         await self.async_store().delete_tags(tags)
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        store = self._async_stores.pop(loop, None)
-        if self._last_async is not None and self._last_async[0] is loop:
-            self._last_async = None
+        store = self._async_stores.pop()
         if store is not None:
             await store.close()
         self.close()
