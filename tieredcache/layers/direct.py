@@ -30,7 +30,7 @@ import redis.exceptions
 
 __all__ = ["DirectClient", "connection_params"]
 
-_pack: Any = hiredis.pack_command  # its stub types the command as a 1-tuple
+pack: Any = hiredis.pack_command  # its stub types the command as a 1-tuple
 
 try:  # redis-py's mapping of error replies to exception classes (NOSCRIPT, LOADING...)
     from redis._parsers.base import BaseParser
@@ -131,7 +131,7 @@ class DirectConnections:
         if conn is None or conn.pid != os.getpid():
             conn = self._connect()
         try:
-            reply = self._round_trip(conn, _pack(args))
+            reply = self._round_trip(conn, pack(args))
         except BaseException:
             self._drop(conn)
             raise
@@ -183,7 +183,7 @@ class DirectConnections:
         conn = _Socket(sock)
         try:
             for command in self._handshake:
-                reply = self._round_trip(conn, _pack(command))
+                reply = self._round_trip(conn, pack(command))
                 if isinstance(reply, ReplyError):
                     raise parse_error(str(reply))
         except BaseException:

@@ -32,10 +32,7 @@ from typing import Any
 import hiredis
 import redis.exceptions
 
-from .direct import ReplyError, handshake, parse_error
-
-# hiredis's stub types the command as a 1-tuple; it takes any number of arguments.
-_pack: Any = hiredis.pack_command
+from .direct import ReplyError, handshake, pack, parse_error
 
 __all__ = ["MultiplexedConnection"]
 
@@ -120,8 +117,7 @@ class MultiplexedConnection:
     ) -> None:
         self.address = path or f"{host}:{port}"
         self._host, self._port, self._path = host, port, path
-        self._auth = (username, password)
-        self._db = int(db or 0)
+        self._handshake = handshake(username, password, int(db or 0))
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_batch = max_batch
@@ -144,7 +140,7 @@ class MultiplexedConnection:
         if self._closed:
             future.set_exception(redis.exceptions.ConnectionError("connection closed"))
             return future
-        packed = _pack(args)
+        packed = pack(args)
         self.commands += 1
         protocol = self._protocol
         if protocol is None or protocol.closed:
@@ -265,10 +261,10 @@ class MultiplexedConnection:
             _, protocol = await loop.create_unix_connection(factory, self._path)
         else:
             _, protocol = await loop.create_connection(factory, self._host, self._port)
-        commands = handshake(*self._auth, self._db)
+        commands = self._handshake
         if commands:
             futures = [loop.create_future() for _ in commands]
-            self._write(protocol, [_pack(cmd) for cmd in commands], futures)
+            self._write(protocol, [pack(cmd) for cmd in commands], futures)
             try:
                 await asyncio.gather(*futures)
             except BaseException:
