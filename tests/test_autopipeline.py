@@ -110,7 +110,30 @@ async def test_flushed_scripts_are_loaded_once_for_a_whole_batch(pipeline: AutoP
     await pipeline.client.script_flush()
     results = await asyncio.gather(*(script(args=[n]) for n in range(50)))
     assert results == [2 * n for n in range(50)]
-    assert loads == 1
+    # The multiplexed connection sends each refused EVALSHA again as EVAL (which
+    # caches the script); the pipelines load it once for the batch.
+    assert loads == (0 if pipeline.multiplexed else 1)
+    assert await pipeline.client.script_exists(script.sha) == [True]
+
+
+async def test_noscript_is_answered_on_the_multiplexed_connection(redis_url: str) -> None:
+    pipeline = AutoPipeline(redis.asyncio.Redis.from_url(redis_url), multiplex=True)
+    try:
+        script = pipeline.register_script("return KEYS[1] .. ARGV[1]")
+        assert await script(keys=["k"], args=["v"]) == b"kv"
+        await pipeline.client.script_flush()
+        # The reply is still the future itself (no coroutine per call), resolved by EVAL.
+        pending = script(keys=["k\r\n"], args=[b"\x00bin"])
+        assert isinstance(pending, asyncio.Future)
+        assert await pending == b"k\r\n\x00bin"
+        # An EVALSHA of a script the connection does not know keeps its NOSCRIPT error,
+        # and the connection stays in step for the next command.
+        unknown = pipeline.evalsha("0" * 40, 0)
+        with pytest.raises(redis.exceptions.NoScriptError):
+            await unknown
+        assert await script(keys=["a"], args=["b"]) == b"ab"
+    finally:
+        await pipeline.aclose()
 
 
 async def test_a_cancelled_caller_does_not_disturb_the_others(pipeline: AutoPipeline) -> None:

@@ -14,6 +14,7 @@ and hands it to a runner under single-flight. Every function here takes the
 from __future__ import annotations
 
 import functools
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .errors import DecodeError, TenantRequiredError
@@ -22,6 +23,7 @@ from .metrics import FIELDS, HIT, MISS, SET
 from .tenancy import get_tenant_var
 
 if TYPE_CHECKING:
+    from .cache import TieredCache
     from .cached import CachedImpl
 
 _tenant_var = get_tenant_var()
@@ -180,25 +182,39 @@ async def anear_expiry(
     return await amiss(impl, tenant, alias, args, kwargs)
 
 
-async def amiss(
+def amiss(
     impl: CachedImpl, tenant: str, alias: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+) -> Coroutine[Any, Any, Any]:
+    """The read of an L1 miss, as a coroutine for the wrapper to await.
+
+    A plain function: without the shared-hit shortcut it hands back the
+    single-flight's coroutine itself, so no frame of its own stays alive (for the
+    collector to walk) while the load runs.
+    """
     cache = impl.cache
     req = impl.request(tenant, alias, args, kwargs)
     cache.notifier()
     target = shortcut(impl, req, cache.async_singleflight.in_flight(req.key.full))
     if target is not None:
-        position, guard, in_memory = target
-        layer = guard.layer
-        stored = await guard.acall(
-            "get", impl.name, req.counters, lambda: layer.aget(req.key), _FAILED, req.failed
-        )
-        found = shared_hit(impl, req, position, in_memory, stored, True)
-        if found is not MISSING:
-            return found
-    runner = cache.async_runner
+        return _ashared_then_load(impl, req, target)
+    return _aload(cache, req)
+
+
+async def _ashared_then_load(impl: CachedImpl, req: ReadRequest, target: Any) -> Any:
+    position, guard, in_memory = target
+    layer = guard.layer
+    stored = await guard.acall(
+        "get", impl.name, req.counters, lambda: layer.aget(req.key), _FAILED, req.failed
+    )
+    found = shared_hit(impl, req, position, in_memory, stored, True)
+    if found is not MISSING:
+        return found
+    return await _aload(impl.cache, req)
+
+
+def _aload(cache: TieredCache, req: ReadRequest) -> Coroutine[Any, Any, Any]:
     tags = tuple(tag.full for tag in req.tags) if req.tags else ()
-    return await cache.async_singleflight.do(req.key.full, runner.read, tags, req)
+    return cache.async_singleflight.do(req.key.full, cache.async_runner.read, tags, req)
 
 
 # -- the wrappers: the hot path ------------------------------------------

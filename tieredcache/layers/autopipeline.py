@@ -163,12 +163,22 @@ class BatchedScript:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
         self._direct = AsyncScript(pipeline.client, script)
+        if pipeline.multiplexed is not None:
+            pipeline.multiplexed.scripts[self.sha] = script.encode()
 
-    async def __call__(
+    def __call__(
         self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None
-    ) -> Any:
+    ) -> Awaitable[Any]:
+        """The reply, to await: on the multiplexed connection its future itself (that
+        connection answers NOSCRIPT by sending the script), so no coroutine per call."""
         if client is not None:  # an explicit pipeline of the caller's
-            return await self._direct(keys, args, client)
+            return self._direct(keys, args, client)
+        multiplexed = self.pipeline.multiplexed
+        if multiplexed is not None:
+            return multiplexed.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        return self._pipelined(keys, args)
+
+    async def _pipelined(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
             return await self.pipeline.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:  # a flushed or failed-over server: load it, once for all

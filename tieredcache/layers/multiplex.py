@@ -43,6 +43,9 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ReplyError)
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # The packed commands of ``waiting``, in step with it: bytes, which the garbage
+        # collector does not track; read only to send an EVALSHA again after NOSCRIPT.
+        self.sent: collections.deque[bytes] = collections.deque()
         self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self.answered = 0  # replies received, to match against the deadlines' marks
         self.closed = False
@@ -54,7 +57,7 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         reader.feed(data)
-        waiting = self.waiting
+        waiting, sent = self.waiting, self.sent
         while waiting:
             try:
                 reply = reader.gets()
@@ -64,11 +67,15 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 break
             future = waiting.popleft()
+            command = sent.popleft()
             self.answered += 1
             if future.done():
                 continue  # its caller was cancelled; the reply is consumed all the same
             if isinstance(reply, ReplyError):
-                future.set_exception(parse_error(str(reply)))
+                message = str(reply)
+                if message.startswith("NOSCRIPT") and self.owner._send_as_eval(command, future):
+                    continue
+                future.set_exception(parse_error(message))
             else:
                 future.set_result(reply)
         if not waiting:
@@ -85,6 +92,7 @@ class _Protocol(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
+        self.sent.clear()
         self.deadlines.clear()
 
     def abort(self, error: Exception) -> None:
@@ -131,6 +139,9 @@ class MultiplexedConnection:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        # Lua scripts by SHA1: an EVALSHA that meets NOSCRIPT (a flushed or failed-over
+        # server) is sent again as EVAL with the script, which also caches it there.
+        self.scripts: dict[str, bytes] = {}
 
     # -- requests -------------------------------------------------------------
     def execute(self, *args: Any) -> asyncio.Future[Any]:
@@ -140,17 +151,22 @@ class MultiplexedConnection:
         if self._closed:
             future.set_exception(redis.exceptions.ConnectionError("connection closed"))
             return future
-        packed = pack(args)
         self.commands += 1
+        self._submit(loop, pack(args), future)
+        return future
+
+    def _submit(
+        self, loop: asyncio.AbstractEventLoop, packed: bytes, future: asyncio.Future[Any]
+    ) -> None:
         protocol = self._protocol
         if protocol is None or protocol.closed:
             self._buffer.append(packed)
             self._buffered.append(future)
             self._ensure_connecting(loop)
-            return future
+            return
         if not protocol.waiting and not self._buffer:  # idle: no reason to wait
             self._write(protocol, [packed], [future])
-            return future
+            return
         self._buffer.append(packed)
         self._buffered.append(future)
         if len(self._buffer) >= self.max_batch:
@@ -158,7 +174,26 @@ class MultiplexedConnection:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return future
+
+    def _send_as_eval(self, command: bytes, future: asyncio.Future[Any]) -> bool:
+        """Send ``command`` (an EVALSHA that got NOSCRIPT) again as EVAL, for the same
+        future; False if it is not an EVALSHA of a known script."""
+        head = command.find(b"\r\n") + 2  # "*<count>\r\n"
+        name = b"$7\r\nEVALSHA\r\n$40\r\n"
+        if command[head : head + len(name)].upper() != name:
+            return False
+        sha_at = head + len(name)
+        script = self.scripts.get(command[sha_at : sha_at + 40].decode("ascii", "replace"))
+        if script is None or self._closed:
+            return False
+        evaluated = b"%s$4\r\nEVAL\r\n$%d\r\n%s\r\n%s" % (
+            command[:head],
+            len(script),
+            script,
+            command[sha_at + 42 :],
+        )
+        self._submit(asyncio.get_running_loop(), evaluated, future)
+        return True
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -182,6 +217,7 @@ class MultiplexedConnection:
     def _write(self, protocol: _Protocol, packed: list[bytes], futures: list[Any]) -> None:
         assert protocol.transport is not None
         protocol.waiting.extend(futures)
+        protocol.sent.extend(packed)
         protocol.transport.write(b"".join(packed) if len(packed) > 1 else packed[0])
         self.writes += 1
         mark = protocol.answered + len(protocol.waiting)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -247,9 +247,7 @@ class RedisLayer:
     ) -> tuple[bytes | None, bool | None, RedisLease | None]:
         """GET, and if the key is absent take its fill lock and lease in the same
         round trip -> (value, taken, lease); taken and lease are None on a hit."""
-        taken_at = self.timer()
-        value, got, gens = self.sync_store().get_or_lock(key, tags, token, int(ttl * 1000))
-        return value, got, None if gens is None else (gens, taken_at)
+        return self.sync_store().get_or_lock(key, tags, token, int(ttl * 1000), self.timer())
 
     def release_fill_lock(self, key: CacheKey, token: str) -> bool:
         """Compare-and-delete the fill lock and wake the processes waiting for it."""
@@ -320,13 +318,13 @@ class RedisLayer:
         got, gens = await self.async_store().lock(key, tags, token, int(ttl * 1000))
         return got, (gens, taken_at)
 
-    async def aget_or_lock_fill(
+    # aget_or_lock_fill and aset are plain functions returning the store's coroutine:
+    # no frame of their own per miss (they are awaited all the same).
+    def aget_or_lock_fill(
         self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
-    ) -> tuple[bytes | None, bool | None, RedisLease | None]:
-        taken_at = self.timer()
+    ) -> Coroutine[Any, Any, tuple[bytes | None, bool | None, RedisLease | None]]:
         store = self.async_store()
-        value, got, gens = await store.get_or_lock(key, tags, token, int(ttl * 1000))
-        return value, got, None if gens is None else (gens, taken_at)
+        return store.get_or_lock(key, tags, token, int(ttl * 1000), self.timer())
 
     async def arelease_fill_lock(self, key: CacheKey, token: str) -> bool:
         return await self.async_store().release_lock(key, token)
@@ -337,7 +335,7 @@ class RedisLayer:
     async def awatch_fill_lock(self, key: CacheKey, wait: float) -> bool:
         return await self.async_store().watch_lock(key, max(1, int(wait * 1000)))
 
-    async def aset(
+    def aset(
         self,
         key: CacheKey,
         value: bytes,
@@ -346,15 +344,18 @@ class RedisLayer:
         lease: RedisLease | None = None,
         bump: bool = False,
         unlock: str | None = None,
-    ) -> bool:
+    ) -> Coroutine[Any, Any, bool]:
         if self._lease_expired(lease):
-            if unlock is not None:
-                await self.arelease_fill_lock(key, unlock)
-            return False
+            return self._arefuse_fill(key, unlock)
         gens = None if lease is None else lease[0]
         store = self.async_store()
         px, tag_px = self._px(entry), self._tag_set_px(entry)
-        return await store.set(key, value, px, tags, gens, tag_px, bump, unlock)
+        return store.set(key, value, px, tags, gens, tag_px, bump, unlock)
+
+    async def _arefuse_fill(self, key: CacheKey, unlock: str | None) -> bool:
+        if unlock is not None:
+            await self.arelease_fill_lock(key, unlock)
+        return False
 
     async def adelete(self, keys: Sequence[CacheKey]) -> None:
         await self.async_store().delete(keys)

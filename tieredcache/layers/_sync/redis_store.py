@@ -245,9 +245,11 @@ class RedisStore:
         return bool(result[0]), gens
 
     def get_or_lock(
-        self, key: CacheKey, tags: Sequence[Tag], token: str, px: int
-    ) -> tuple[bytes | None, bool | None, tuple[bytes | None, ...] | None]:
-        """(value, None, None) if present, else (None, lock taken, the fill's generations)."""
+        self, key: CacheKey, tags: Sequence[Tag], token: str, px: int, taken_at: float
+    ) -> tuple[bytes | None, bool | None, tuple[tuple[bytes | None, ...], float] | None]:
+        """(value, None, None) if present, else (None, lock taken, lease): the lease is
+        the fill's generations and ``taken_at`` (the layer's lease, built here so that
+        the layer's method needs no coroutine of its own)."""
         slot = self.keyspace.slot_of(key)
         _, tag_gens = self.keyspace.tag_names_in(slot, tags)
         names = [f"{slot}:v:{key.body}", f"{slot}:l:{key.body}", f"{slot}:gk:{key.body}"]
@@ -259,7 +261,7 @@ class RedisStore:
         if result[0] is not None:
             return result[0], None, None
         gens = tuple(result[2:]) + (None,) * (len(names) - len(result))
-        return None, bool(result[1]), gens
+        return None, bool(result[1]), (gens, taken_at)
 
     def set(
         self,
