@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import fastmiss
 from .background import Background
 from .breaker import CircuitBreaker
 from .broadcast import Notifier, Replicas
@@ -144,6 +145,8 @@ class TieredCache:
         self.fused_read: int | None = None
         if self.memory is not None and self.storage[-1] == self.lock_layer:
             self.fused_read = len(self.storage) - 1
+        # [in-process, Redis]: async misses take the one-coroutine path (fastmiss.py).
+        self.fast_miss = fastmiss.eligible(self)
         redis_layer = self.layers[redis_layers[0]] if redis_layers else None
         self._redis: RedisLayer | None = (
             redis_layer if isinstance(redis_layer, RedisLayer) else None

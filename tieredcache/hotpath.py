@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .errors import DecodeError, TenantRequiredError
+from .fastmiss import fast_miss
 from .flows import MISSING, ReadRequest, read_flow, xfetch_due
 from .metrics import FIELDS, HIT, MISS, SET
 from .tenancy import get_tenant_var
@@ -214,6 +215,9 @@ async def _ashared_then_load(impl: CachedImpl, req: ReadRequest, target: Any) ->
 
 def _aload(cache: TieredCache, req: ReadRequest) -> Coroutine[Any, Any, Any]:
     tags = tuple(tag.full for tag in req.tags) if req.tags else ()
+    policy = req.policy
+    if cache.fast_miss and policy.lock and policy.hard_timeout is None:
+        return fast_miss(cache, req, tags)
     return cache.async_singleflight.do(req.key.full, cache.async_runner.read, tags, req)
 
 

@@ -242,6 +242,7 @@ class AsyncRunner:
                 # Cancelled (a client went away) while holding the fill lock: release it
                 # in a task of its own, since this one is being cancelled.
                 self.cache.background.arun(unlock_flow(req), req)
+                req.lock_token = None  # handed over: a caller up the stack does not again
             raise
 
     def read(self, req: ReadRequest) -> Coroutine[Any, Any, Any]:

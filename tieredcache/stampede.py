@@ -115,6 +115,11 @@ class AsyncSingleFlight:
     def in_flight(self, key: str) -> bool:
         return key in self._per_loop.get(_Flights).calls
 
+    def flights(self) -> _Flights:
+        """This event loop's calls in flight (for a leader that runs inline, as
+        :mod:`tieredcache.fastmiss` does: register, resolve, then ``release``)."""
+        return self._per_loop.get(_Flights)
+
     def forget(
         self, keys: Iterable[str] = (), tags: Iterable[str] = (), everything: bool = False
     ) -> None:

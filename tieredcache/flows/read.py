@@ -122,7 +122,12 @@ def read_flow(req: ReadRequest) -> Flow:
     hit, result = yield from _walk(req, leases, fuse=True)
     if hit:
         return result
-    stale: Entry | None = result
+    return (yield from read_after_miss(req, leases, result))
+
+
+def read_after_miss(req: ReadRequest, leases: list[Any], stale: Entry | None) -> Flow:
+    """A read once no layer had a fresh entry: serve ``stale`` (the freshest stale
+    entry met, if any) while it is refreshed, or load under the fill lock."""
     if stale is not None:
         if req.clock() < stale.fresh_until + req.policy.stale_while_revalidate:
             count(req, 0, STALE)
@@ -182,8 +187,12 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
                 if remaining <= 0:
                     break
                 yield WaitFill(lock_layer, remaining)
-                stored, _ = yield Get(position)
-                entry = None if stored is None else decode_entry(req, position, stored)
+                # Read and, if still absent, lock in one step: a lock taken after a
+                # separate read could follow the holder's fill, and load again.
+                stored, got, lease = yield GetOrLock(position, token, policy.lock_ttl)
+                if stored is None:
+                    continue
+                entry = decode_entry(req, position, stored)
                 if entry is not None and entry.fresh_until > req.clock():
                     count(req, position, HIT)
                     yield from _backfill(req, entry, leases, position)

@@ -54,9 +54,17 @@ def _write_everywhere(
 
 
 def unlock_flow(req: ReadRequest) -> Flow:
-    """Release the fill lock the request still holds (cancellation, failed late load)."""
-    if req.lock_token is not None and req.lock_layer is not None:
-        yield Unlock(req.lock_layer, req.lock_token)
+    """Release the fill lock the request holds now (cancellation, failed late load).
+
+    The token is read at this call, not when the flow runs: the caller may clear
+    ``req.lock_token`` once it has handed the release to this flow.
+    """
+    return _unlock(req.lock_layer, req.lock_token)
+
+
+def _unlock(layer: int | None, token: str | None) -> Flow:
+    if token is not None and layer is not None:
+        yield Unlock(layer, token)
 
 
 def set_flow(req: ReadRequest, value: Any) -> Flow:
