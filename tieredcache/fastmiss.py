@@ -115,10 +115,12 @@ def _read(cache: TieredCache, req: ReadRequest) -> Coroutine[Any, Any, Any]:
         # or filled meanwhile): the generic flow knows what to do with it.
         return cache.async_runner.read(req)
     count(req, 0, MISS)
-    return _shared_then_load(cache, req, [got[1], None])
+    return _shared_then_load(cache, req, got[1])
 
 
-async def _shared_then_load(cache: TieredCache, req: ReadRequest, leases: list[Any]) -> Any:
+async def _shared_then_load(cache: TieredCache, req: ReadRequest, memory_lease: Any) -> Any:
+    """The shared read-or-lock; on a miss with the lock taken, the load (awaited in this
+    frame: the one this path keeps alive while the loader runs) and the fills."""
     guard = cache.guards[req.storage[1]]
     token = fill_token()
     failed = req.failed
@@ -140,23 +142,32 @@ async def _shared_then_load(cache: TieredCache, req: ReadRequest, leases: list[A
         entry = decode_entry(req, 1, stored)
         if entry is None:  # undecodable or tampered: an error, a miss, and gone
             count(req, 1, ERROR)
-            return await runner.run(_drop_then_load(req, leases), req)
+            return await runner.run(_drop_then_load(req, [memory_lease, None]), req)
         now = req.clock()
         if entry.fresh_until > now:
             count(req, 1, HIT)
-            _backfill_memory(cache, req, entry, leases[0])
+            _backfill_memory(cache, req, entry, memory_lease)
             if xfetch_due(entry, now, req.policy.early_refresh_beta):
                 cache.background.spawn_arefresh(req, entry.created_at)
             return entry.value
         count(req, 1, MISS)
         stale = entry if entry.stale_until > now else None
-        return await runner.run(read_after_miss(req, leases, stale), req)
+        return await runner.run(read_after_miss(req, [memory_lease, None], stale), req)
     count(req, 1, MISS)
     if not taken:  # held elsewhere (wait for it), or Redis failed (load without it)
         req.prelock = (token, taken, lease)
-        return await runner.run(read_after_miss(req, leases, None), req)
-    leases[1] = lease
-    return await _load_and_fill(cache, req, leases, token)
+        return await runner.run(read_after_miss(req, [memory_lease, None], None), req)
+    req.counters[req.loader_base + LOAD_CALLS] += 1
+    start = time.perf_counter()
+    try:
+        value = await req.loader()
+    except Exception as exc:
+        await _unlock(cache, req, token)
+        failure = LOAD_TIMEOUTS if isinstance(exc, TimeoutError) else LOAD_ERRORS
+        req.counters[req.loader_base + failure] += 1
+        raise
+    seconds = time.perf_counter() - start
+    return await _fill(cache, req, value, seconds, (memory_lease, lease), token)
 
 
 def _drop_then_load(req: ReadRequest, leases: list[Any]) -> Flow:
@@ -184,23 +195,19 @@ def _set_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: Any) ->
     return accepted
 
 
-async def _load_and_fill(
-    cache: TieredCache, req: ReadRequest, leases: list[Any], token: str
+async def _fill(
+    cache: TieredCache,
+    req: ReadRequest,
+    value: Any,
+    seconds: float,
+    leases: tuple[Any, Any],
+    token: str,
 ) -> Any:
-    req.counters[req.loader_base + LOAD_CALLS] += 1
-    start = time.perf_counter()
-    try:
-        value = await req.loader()
-    except Exception as exc:
-        await _unlock(cache, req, token)
-        failure = LOAD_TIMEOUTS if isinstance(exc, TimeoutError) else LOAD_ERRORS
-        req.counters[req.loader_base + failure] += 1
-        raise
-    seconds = time.perf_counter() - start
+    """What fill_flow() and store() do: the shared layer first (a refused shared fill
+    fills nothing), then the in-process one, then release the lock if still held."""
     entry = make_entry(req.policy, value, req.clock(), seconds)
     released = False
     if entry is not None:
-        # Slowest layer first, as store() does: a refused shared fill fills nothing.
         guard = cache.guards[req.storage[1]]
         try:
             payload: bytes | None = req.codec.encode(req.key.full, entry)
