@@ -16,7 +16,10 @@ Deadlines: a reply still missing ``timeout`` seconds after its command was
 written fails every outstanding request with ``redis.exceptions.TimeoutError``
 and drops the connection (where the stream stands is then unknown). A lost
 connection fails its outstanding requests with ``ConnectionError``; the next
-request connects again. Nothing is retried here: the cache's breaker decides.
+request connects again. Nothing is retried here (the cache's breaker decides),
+with one exception: an EVALSHA answered NOSCRIPT (a flushed or failed-over
+server) is sent again as EVAL with the script's text, for the same future, so
+that a script call can be the future itself rather than a coroutine around it.
 
 Only RESP2 over TCP or a Unix socket, with AUTH and SELECT; TLS connections use
 redis-py's pipelines instead (see :mod:`tieredcache.layers.autopipeline`).
