@@ -126,6 +126,7 @@ async def test_noscript_is_answered_on_the_multiplexed_connection(redis_url: str
         pending = script(keys=["k\r\n"], args=[b"\x00bin"])
         assert isinstance(pending, asyncio.Future)
         assert await pending == b"k\r\n\x00bin"
+        assert pipeline.multiplexed is not None and pipeline.multiplexed.resent == 1
         # An EVALSHA of a script the connection does not know keeps its NOSCRIPT error,
         # and the connection stays in step for the next command.
         unknown = pipeline.evalsha("0" * 40, 0)
@@ -289,3 +290,21 @@ async def test_closing_while_connecting_keeps_no_connection(redis_url: str) -> N
         await pending
     await asyncio.sleep(0.05)  # the connect finishes after the close
     assert connection._protocol is None
+
+
+async def test_scripts_are_loaded_when_the_multiplexed_connection_opens(redis_url: str) -> None:
+    """A first EVALSHA on a new connection never meets NOSCRIPT: going again as EVAL
+    would put it behind commands sent after it (a lock release behind a lock attempt)."""
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    await admin.script_flush()
+    pipeline = AutoPipeline(redis.asyncio.Redis.from_url(redis_url), multiplex=True)
+    try:
+        first = pipeline.register_script("return 'one'")
+        second = pipeline.register_script("return 'two'")
+        assert await first() == b"one"  # connects: both scripts loaded on the way
+        assert await second() == b"two"
+        assert pipeline.multiplexed is not None and pipeline.multiplexed.resent == 0
+        assert await admin.script_exists(first.sha, second.sha) == [True, True]
+    finally:
+        await pipeline.aclose()
+        await admin.aclose()

@@ -445,3 +445,82 @@ async def test_a_lock_held_elsewhere_is_waited_for_and_its_fill_served(
     assert calls == ["other"]
     assert setup.counts()["lock_waits"] == 1
     await other.aclose()
+
+
+async def test_a_waiter_that_takes_over_from_a_cancelled_leader_finds_the_lock_free(
+    setup: Setup,
+) -> None:
+    """The leader's release reaches Redis before the waiter's own read-or-lock: the
+    waiter loads at once instead of waiting out a lock nobody holds."""
+    started = asyncio.Event()
+    calls: list[str] = []
+
+    @setup.cache.cached(ttl=60, lock_wait=5)
+    async def item(n: int) -> str:
+        calls.append("load")
+        if len(calls) == 2:
+            started.set()
+            await asyncio.sleep(5)  # the leader: cancelled here
+        return "loaded"
+
+    admin = redis.asyncio.Redis.from_url(setup.url)
+    await admin.script_flush()  # as after a Redis restart: no script cached there
+    await admin.aclose()
+    with tenant_scope("acme"):
+        assert await item(0) == "loaded"  # connected: commands leave at once
+        leader = asyncio.ensure_future(item(1))
+        await asyncio.wait_for(started.wait(), 2)
+        follower = asyncio.ensure_future(item(1))
+        await asyncio.sleep(0.01)  # joined the leader's call
+        leader.cancel()
+        assert await asyncio.wait_for(follower, 2) == "loaded"
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+    assert calls == ["load", "load", "load"]
+    assert setup.counts()["lock_waits"] == 0
+
+
+async def test_freshness_is_judged_as_of_before_the_reads(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry that expires while the shared read is on the wire is still the hit it
+    was when the read began (the generic walk reads the clock once, first)."""
+    calls = 0
+
+    @setup.cache.cached(ttl=10)
+    async def item(n: int) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    with tenant_scope("acme"):
+        assert await item(1) == 1
+        setup.memory.clear()
+        setup.clock.advance(9.99)
+        read = setup.redis.aget_or_lock_fill
+
+        async def slow_read(*args: Any) -> Any:
+            result = await read(*args)
+            setup.clock.advance(0.02)  # past fresh_until by the time it returns
+            return result
+
+        monkeypatch.setattr(setup.redis, "aget_or_lock_fill", slow_read)
+        assert await item(1) == 1
+    counts = setup.counts()
+    assert (calls, counts["redis.hits"]) == (1, 1)
+
+
+async def test_a_stale_memory_entry_is_read_once(setup: Setup) -> None:
+    """Handing a stale in-process entry to the generic flow passes the read along: one
+    in-process read (and one latency sample) per call, as on the generic path."""
+
+    @setup.cache.cached(ttl=10, stale_ttl=100, stale_while_revalidate=100)
+    async def item(n: int) -> int:
+        return n
+
+    with tenant_scope("acme"):
+        assert await item(1) == 1
+        before = setup.cache.metrics.histogram("memory", item.name, "get").count
+        setup.clock.advance(20)
+        assert await item(1) == 1  # stale, served; a refresh starts
+        assert setup.cache.metrics.histogram("memory", item.name, "get").count == before + 1

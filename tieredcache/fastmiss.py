@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["eligible", "fast_miss"]
 
+_FAILED: Any = object()  # a layer call that failed or was skipped
+
 
 def eligible(cache: TieredCache) -> bool:
     """Whether ``cache``'s layers are the ones this path is written for."""
@@ -75,13 +77,15 @@ async def fast_miss(cache: TieredCache, req: ReadRequest, tags: tuple[str, ...])
     try:
         result = await _read(cache, req)
     except asyncio.CancelledError:
-        future.cancel()
+        # The release is on its way before a waiter wakes to take over: that
+        # waiter's read-or-lock then follows it on the connection, as with the runner.
         _release_if_held(cache, req)
+        future.cancel()
         raise
     except BaseException as exc:
+        _release_if_held(cache, req)
         future.set_exception(exc)
         future.exception()  # retrieved: every waiter re-raises it
-        _release_if_held(cache, req)
         raise
     else:
         future.set_result(result)
@@ -100,25 +104,29 @@ def _release_if_held(cache: TieredCache, req: ReadRequest) -> None:
 
 def _read(cache: TieredCache, req: ReadRequest) -> Coroutine[Any, Any, Any]:
     """The in-process read, then the shared read-or-lock (a coroutine only from there)."""
+    now = req.clock()  # as _walk(): freshness is judged as of before the reads
     memory_guard = cache.guards[req.storage[0]]
     got = memory_guard.call(
         "get",
         req.function,
         req.counters,
         memory_guard.layer.get_with_lease,
-        None,
+        _FAILED,
         req.failed,
         (req.key, req.tags),
     )
-    if got is None or got[0] is not None:
+    if got is _FAILED or got[0] is not None:
         # The in-process layer failed, or holds an entry (stale: the hot path saw it,
-        # or filled meanwhile): the generic flow knows what to do with it.
+        # or filled meanwhile): the generic flow takes it from this read, not another.
+        req.prefetched = {0: (None, None) if got is _FAILED else got}
         return cache.async_runner.read(req)
     count(req, 0, MISS)
-    return _shared_then_load(cache, req, got[1])
+    return _shared_then_load(cache, req, got[1], now)
 
 
-async def _shared_then_load(cache: TieredCache, req: ReadRequest, memory_lease: Any) -> Any:
+async def _shared_then_load(
+    cache: TieredCache, req: ReadRequest, memory_lease: Any, now: float
+) -> Any:
     """The shared read-or-lock; on a miss with the lock taken, the load (awaited in this
     frame: the one this path keeps alive while the loader runs) and the fills."""
     guard = cache.guards[req.storage[1]]
@@ -143,7 +151,6 @@ async def _shared_then_load(cache: TieredCache, req: ReadRequest, memory_lease: 
         if entry is None:  # undecodable or tampered: an error, a miss, and gone
             count(req, 1, ERROR)
             return await runner.run(_drop_then_load(req, [memory_lease, None]), req)
-        now = req.clock()
         if entry.fresh_until > now:
             count(req, 1, HIT)
             _backfill_memory(cache, req, entry, memory_lease)

@@ -134,6 +134,7 @@ class MultiplexedConnection:
         self.max_batch = max_batch
         self.writes = 0  # socket writes, for tests and benchmarks
         self.commands = 0
+        self.resent = 0  # EVALSHAs sent again as EVAL after NOSCRIPT
         self._protocol: _Protocol | None = None
         self._connecting = False
         self._connect_task: asyncio.Task[None] | None = None
@@ -189,6 +190,7 @@ class MultiplexedConnection:
         script = self.scripts.get(command[sha_at : sha_at + 40].decode("ascii", "replace"))
         if script is None or self._closed:
             return False
+        self.resent += 1
         evaluated = b"%s$4\r\nEVAL\r\n$%d\r\n%s\r\n%s" % (
             command[:head],
             len(script),
@@ -300,12 +302,17 @@ class MultiplexedConnection:
             _, protocol = await loop.create_unix_connection(factory, self._path)
         else:
             _, protocol = await loop.create_connection(factory, self._host, self._port)
-        commands = self._handshake
+        # AUTH/SELECT must succeed; the scripts are loaded up front (a first EVALSHA
+        # would otherwise meet NOSCRIPT and go again behind later commands), but a
+        # refused SCRIPT LOAD only leaves that script to the NOSCRIPT path.
+        commands = [*self._handshake, *(("SCRIPT", "LOAD", s) for s in self.scripts.values())]
         if commands:
             futures = [loop.create_future() for _ in commands]
             self._write(protocol, [pack(cmd) for cmd in commands], futures)
+            required = futures[: len(self._handshake)]
             try:
-                await asyncio.gather(*futures)
+                await asyncio.gather(*required)
+                await asyncio.gather(*futures[len(required) :], return_exceptions=True)
             except BaseException:
                 if protocol.transport is not None:
                     protocol.transport.close()
