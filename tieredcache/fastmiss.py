@@ -10,9 +10,10 @@ Why a second path: under a burst of misses, every object a miss keeps alive
 while its loader runs is walked by each garbage collection that happens
 meanwhile, and the collections themselves come sooner the more objects misses
 allocate. The generic path keeps the runner, two flow generators, the
-single-flight and their operation objects alive per miss; this one keeps one
-frame. In the Zipf benchmark (1,000 callers, 0.1 s loader) that is the
-difference between losing and winning on wall time.
+single-flight and their operation objects alive per miss; this one keeps two
+frames (the single-flight's and the read's). In the Zipf benchmark (1,000
+callers, 0.1 s loader; benchmarks/RESULTS.md) the run went from 7.4 s to 6.4 s
+with this and fewer coroutine layers around the Redis calls.
 
 It is the same algorithm, step for step, with the same metrics, breakers and
 layer calls; every other case (a stale or undecodable entry, the lock held
