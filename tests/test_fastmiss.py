@@ -194,6 +194,8 @@ async def test_a_stale_memory_entry_is_served_while_it_is_refreshed(setup: Setup
         assert await item(1) == 0
         setup.clock.advance(20)  # past fresh, inside the stale window
         assert await item(1) == 0  # stale, refresh spawned
+        layers = setup.cache.stats().layers
+        assert (layers["memory"].stale_hits, layers["redis"].stale_hits) == (1, 0)
         for _ in range(100):
             if await item(1) == 1:
                 break
@@ -213,6 +215,9 @@ async def test_a_stale_shared_entry_is_served_while_it_is_refreshed(setup: Setup
         setup.memory.clear()
         setup.clock.advance(20)
         assert await item(2) == 0  # read from Redis, stale: served, refreshed
+        layers = setup.cache.stats().layers
+        # The stale hit is Redis's: the in-process layer had nothing.
+        assert (layers["redis"].stale_hits, layers["memory"].stale_hits) == (1, 0)
         for _ in range(100):
             setup.memory.clear()
             if await item(2) == 1:

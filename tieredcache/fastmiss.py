@@ -159,7 +159,9 @@ async def _shared_then_load(
                 cache.background.spawn_arefresh(req, entry.created_at)
             return entry.value
         count(req, 1, MISS)
-        stale = entry if entry.stale_until > now else None
+        stale = None
+        if entry.stale_until > now:
+            stale, req.stale_position = entry, 1
         return await runner.run(read_after_miss(req, [memory_lease, None], stale), req)
     count(req, 1, MISS)
     if not taken:  # held elsewhere (wait for it), or Redis failed (load without it)

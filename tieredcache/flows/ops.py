@@ -197,6 +197,9 @@ class ReadRequest:
     # and what that attempt gave (token, taken, lease) for the load that follows.
     fused_read: int | None = None
     prelock: tuple[str, Any, Any] | None = None
+    # Storage position of the stale entry this read may serve: its stale hit is
+    # counted on that layer.
+    stale_position: int = 0
 
 
 def decode_entry(req: ReadRequest, position: int, stored: Any) -> Entry | None:

@@ -103,6 +103,7 @@ def _walk(
             and (stale is None or entry.fresh_until > stale.fresh_until)
         ):
             stale = entry
+            req.stale_position = position  # where a stale hit is counted
         if position < last and leases[position] is None:
             # A shared layer that a slower one may back-fill: its lease must predate
             # that slower read. (The usual [memory, redis] never gets here.)
@@ -130,13 +131,13 @@ def read_after_miss(req: ReadRequest, leases: list[Any], stale: Entry | None) ->
     entry met, if any) while it is refreshed, or load under the fill lock."""
     if stale is not None:
         if req.clock() < stale.fresh_until + req.policy.stale_while_revalidate:
-            count(req, 0, STALE)
+            count(req, req.stale_position, STALE)
             yield Refresh(stale.created_at)
             return stale.value
         if (yield Pending()):
             # A load that outlived its soft timeout is still running: serve stale
             # until it lands rather than start another one.
-            count(req, 0, STALE)
+            count(req, req.stale_position, STALE)
             return stale.value
     return (yield from load_and_fill(req, leases, stale))
 
@@ -199,7 +200,7 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
                     return entry.value
                 got, lease = yield Lock(lock_layer, token, policy.lock_ttl)
             if got is False and stale is not None:
-                count(req, 0, STALE)
+                count(req, req.stale_position, STALE)
                 return stale.value
         if got:
             leases[position] = lease
@@ -221,12 +222,12 @@ def load_and_fill(req: ReadRequest, leases: list[Any], stale: Entry | None) -> F
         req.counters[req.loader_base + failure] += 1
         if stale is not None and stale.stale_until > req.clock():
             yield from _throttle(req, stale, leases)
-            count(req, 0, STALE)
+            count(req, req.stale_position, STALE)
             return stale.value
         raise
     if loaded is SOFT_TIMEOUT:
         req.counters[req.loader_base + LOAD_TIMEOUTS] += 1
-        count(req, 0, STALE)
+        count(req, req.stale_position, STALE)
         return stale.value  # type: ignore[union-attr]
     value, seconds = loaded
     yield from fill_flow(req, value, seconds, leases, token)
