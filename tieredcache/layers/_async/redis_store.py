@@ -40,6 +40,10 @@ end
 # are refused afterwards. With an unlock token, the fill lock is released in the
 # same round trip (whether or not the fill was accepted) and, if a process marked
 # that it waits for it (WATCH_LUA), the release is published to wake it.
+# A tag set keeps the names of values that expired (nothing else removes them), and a
+# tag refilled all the time never expires itself: each fill samples two members of
+# each of its tag sets and drops those whose value is gone, which keeps such sets
+# near their live size, as Redis's own expiry does by sampling.
 # KEYS: value, key-gen, key-tags, lock, wait-mark, tag-set x n, tag-gen x n
 # ARGV: payload, px, n, check(0/1), tag-set px, bump(0/1), gen px,
 #       unlock token ('' = none), channel, message, expected key-gen, expected tag-gen x n
@@ -70,6 +74,9 @@ if ARGV[6] == '1' then bump(KEYS[2], ARGV[7]) end
 local tag_px = tonumber(ARGV[5])
 for i = 1, n do
   redis.call('SADD', KEYS[5 + i], KEYS[1])
+  for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[5 + i], 2)) do
+    if redis.call('EXISTS', member) == 0 then redis.call('SREM', KEYS[5 + i], member) end
+  end
   if redis.call('PTTL', KEYS[5 + i]) < tag_px then redis.call('PEXPIRE', KEYS[5 + i], tag_px) end
   redis.call('SADD', KEYS[3], KEYS[5 + i])
 end
