@@ -8,6 +8,7 @@ socket) and redis-py pipelines gathered per loop turn (Redis Cluster, TLS, or
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -242,8 +243,14 @@ async def test_auth_and_db_selection(fresh_redis_server: Any) -> None:
     await admin.set("in-db-3", b"yes")
     assert await pipeline.get("in-db-3") == b"yes"
     wrong = AutoPipeline(redis.asyncio.Redis.from_url(f"redis://:nope@{host_port}/3"))
+    wrong.register_script("return 1")  # its SCRIPT LOAD is refused too, and retrieved
+    unhandled: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
     with pytest.raises(redis.exceptions.AuthenticationError):
         await wrong.get("in-db-3")
+    await asyncio.sleep(0.05)
+    gc.collect()
+    assert not unhandled, "a handshake reply was left unretrieved"
     await pipeline.aclose()
     await wrong.aclose()
     await admin.aclose()
@@ -308,3 +315,50 @@ async def test_scripts_are_loaded_when_the_multiplexed_connection_opens(redis_ur
     finally:
         await pipeline.aclose()
         await admin.aclose()
+
+
+async def test_a_server_that_hangs_up_at_once_fails_the_caller_once() -> None:
+    """Redis at maxclients answers an error and closes. With scripts to preload the
+    caller still gets a ConnectionError at once, after one connection attempt."""
+
+    async def full(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"-ERR max number of clients reached\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(full, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = MultiplexedConnection(host="127.0.0.1", port=port)
+    connection.scripts["0" * 40] = b"return 1"
+    attempts = 0
+    open_connection = connection._open
+
+    async def counted(loop: asyncio.AbstractEventLoop) -> Any:
+        nonlocal attempts
+        attempts += 1
+        return await open_connection(loop)
+
+    connection._open = counted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await asyncio.wait_for(connection.execute("GET", "k"), 1.0)
+        assert attempts == 1
+    finally:
+        await connection.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_failing_noscript_resend_still_answers_its_caller(redis_url: str) -> None:
+    pipeline = AutoPipeline(redis.asyncio.Redis.from_url(redis_url), multiplex=True)
+    try:
+        script = pipeline.register_script("return 7")
+        assert await script() == 7
+        assert pipeline.multiplexed is not None
+        pipeline.multiplexed.scripts[script.sha] = "not bytes"  # type: ignore[assignment]
+        await pipeline.client.script_flush()
+        with pytest.raises(TypeError):
+            await asyncio.wait_for(script(), 1.0)
+        assert await pipeline.get("anything") is None  # the connection is in step
+    finally:
+        await pipeline.aclose()

@@ -40,6 +40,11 @@ from .direct import ReplyError, handshake, pack, parse_error
 __all__ = ["MultiplexedConnection"]
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: MultiplexedConnection) -> None:
         self.owner = owner
@@ -76,8 +81,13 @@ class _Protocol(asyncio.Protocol):
                 continue  # its caller was cancelled; the reply is consumed all the same
             if isinstance(reply, ReplyError):
                 message = str(reply)
-                if message.startswith("NOSCRIPT") and self.owner._send_as_eval(command, future):
-                    continue
+                if message.startswith("NOSCRIPT"):
+                    try:
+                        if self.owner._send_as_eval(command, future):
+                            continue
+                    except Exception as exc:  # never leave a caller without an answer
+                        future.set_exception(exc)
+                        continue
                 future.set_exception(parse_error(message))
             else:
                 future.set_result(reply)
@@ -155,8 +165,9 @@ class MultiplexedConnection:
         if self._closed:
             future.set_exception(redis.exceptions.ConnectionError("connection closed"))
             return future
+        packed = pack(args)
         self.commands += 1
-        self._submit(loop, pack(args), future)
+        self._submit(loop, packed, future)
         return future
 
     def _submit(
@@ -285,6 +296,11 @@ class MultiplexedConnection:
                 protocol.transport.close()
             self._fail_buffered(redis.exceptions.ConnectionError("connection closed"))
             return
+        if protocol.closed:  # the server hung up at once (maxclients, say)
+            self._fail_buffered(
+                redis.exceptions.ConnectionError(f"{self.address} closed the connection")
+            )
+            return
         self._protocol = protocol
         self._flush()
 
@@ -302,17 +318,20 @@ class MultiplexedConnection:
             _, protocol = await loop.create_unix_connection(factory, self._path)
         else:
             _, protocol = await loop.create_connection(factory, self._host, self._port)
-        # AUTH/SELECT must succeed; the scripts are loaded up front (a first EVALSHA
-        # would otherwise meet NOSCRIPT and go again behind later commands), but a
-        # refused SCRIPT LOAD only leaves that script to the NOSCRIPT path.
+        # AUTH/SELECT must succeed before anything else goes. The scripts are loaded
+        # up front too (a first EVALSHA would otherwise meet NOSCRIPT and go again
+        # behind later commands), without waiting: Redis runs a connection's commands
+        # in order, and a refused SCRIPT LOAD only leaves that script to NOSCRIPT.
         commands = [*self._handshake, *(("SCRIPT", "LOAD", s) for s in self.scripts.values())]
         if commands:
             futures = [loop.create_future() for _ in commands]
+            for future in futures:
+                future.add_done_callback(_retrieved)  # none is left unretrieved
             self._write(protocol, [pack(cmd) for cmd in commands], futures)
             required = futures[: len(self._handshake)]
             try:
-                await asyncio.gather(*required)
-                await asyncio.gather(*futures[len(required) :], return_exceptions=True)
+                if required:
+                    await asyncio.gather(*required)
             except BaseException:
                 if protocol.transport is not None:
                     protocol.transport.close()
