@@ -509,3 +509,56 @@ def test_sigkilled_writer_loses_no_acknowledged_write(
     assert len(rows) - len(acked) in (0, 1)
     # The batch committed before the kill was delivered again, and changed nothing.
     assert max_calls is not None and max_calls[0] >= 2
+
+
+@pytest.mark.cluster
+def test_the_journal_works_on_redis_cluster(redis_cluster_nodes: list[tuple[str, int]]) -> None:
+    """Write-back on Redis Cluster: the stream, its dead letters and the newest-write
+    index share the namespace's hash tag, so the journal's scripts run there too."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    clients: list[RedisCluster] = []
+
+    def client() -> RedisCluster:
+        made = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster_nodes])
+        clients.append(made)  # the journals do not close a client they were given
+        return made
+
+    cache = TieredCache(NAMESPACE, [MemoryLayer(), RedisLayer(cluster_nodes=redis_cluster_nodes)])
+    crashing = Store()
+    crashing.fail = lambda records: Crash()
+    first = WriteBack(
+        cache,
+        journal=RedisStreamJournal(NAMESPACE, client=client(), claim_idle=0.2),
+        store=crashing,
+    )
+    get_product, _ = _product(cache, first)
+    save = first.writer(get_product)
+    with tenant_scope("acme"):
+        save({"id": 1, "price": 3}, 1)
+        save({"id": 1, "price": 4}, 1)  # coalesced with the first: the newest wins
+        bad_id = save({"id": 2, "price": -1}, 2)
+        assert get_product(1) == {"id": 1, "price": 4}
+    with pytest.raises(Crash):
+        first.flusher().run_once()  # takes the entries, then dies
+    store = Store()
+    store.fail = lambda records: (
+        ValueError("price must be positive") if any(r.value["price"] < 0 for r in records) else None
+    )
+    journal = RedisStreamJournal(NAMESPACE, client=client(), claim_idle=0.2)
+    second = WriteBack(cache, journal=journal, store=store)
+    time.sleep(0.3)
+    report = second.flusher(max_attempts=1, sleep=lambda seconds: None).run_once()
+    assert report.read == 3 and [r.id for r in report.dead] == [bad_id]
+    accepted = [
+        [(value["id"], value["price"]) for _, value in call]
+        for call in store.calls
+        if all(value["price"] >= 0 for _, value in call)
+    ]
+    assert accepted == [[(1, 4)]]  # the two writes of 1 coalesced; 2 refused alone
+    [letter] = journal.dead_letters()
+    assert letter.id == bad_id and "price must be positive" in letter.error
+    assert journal.backlog() == 0
+    for made in clients:
+        made.close()
+    cache.close()
