@@ -30,7 +30,15 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .errors import BackendError, EncodeError
-from .flows import Delete, Flow, ReadRequest, make_entry, unlock_flow, xfetch_due
+from .flows import (
+    Delete,
+    Flow,
+    ReadRequest,
+    make_entry,
+    unlock_flow,
+    xfetch_band_start,
+    xfetch_due,
+)
 from .flows.ops import count, decode_entry
 from .flows.read import fill_token, load_and_fill, read_after_miss
 from .metrics import (
@@ -194,8 +202,7 @@ def _backfill_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: An
 
 def _set_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: Any) -> Any:
     guard = cache.guards[req.storage[0]]
-    # Inside this band before expiry XFetch may fire (as the runner's Set does).
-    refresh_at = entry.fresh_until - entry.compute_time * req.policy.early_refresh_beta * 10
+    refresh_at = xfetch_band_start(entry, req.policy.early_refresh_beta)
     args = (req.key, entry, entry, req.tags, lease, False, req.alias, refresh_at)
     accepted = guard.call(
         "set", req.function, req.counters, guard.layer.set, None, req.failed, args

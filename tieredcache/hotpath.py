@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DecodeError, TenantRequiredError
 from .fastmiss import fast_miss
-from .flows import MISSING, ReadRequest, read_flow, xfetch_due
+from .flows import MISSING, ReadRequest, read_flow, xfetch_band_start, xfetch_due
 from .metrics import FIELDS, HIT, MISS, SET
 from .tenancy import get_tenant_var
 
@@ -143,7 +143,6 @@ def shared_hit(
             counters[cache.storage[position] * FIELDS + HIT] += 1
             if in_memory is not None and cache.memory is not None:
                 counters[cache.storage[0] * FIELDS + MISS] += 1
-                band = entry.compute_time * impl.policy.early_refresh_beta * 10
                 if cache.memory.set(
                     req.key,
                     entry,
@@ -152,7 +151,7 @@ def shared_hit(
                     in_memory[1],
                     False,
                     req.alias,
-                    entry.fresh_until - band,
+                    xfetch_band_start(entry, impl.policy.early_refresh_beta),
                 ):
                     counters[cache.storage[0] * FIELDS + SET] += 1
             if xfetch_due(entry, now, impl.policy.early_refresh_beta):

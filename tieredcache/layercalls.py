@@ -26,6 +26,7 @@ from .flows import (
     ReadRequest,
     Set,
     Unlock,
+    xfetch_band_start,
 )
 from .layers.memory import MemoryLayer
 from .metrics import ERROR, FIELDS, INVALIDATION, SET, Metrics
@@ -133,8 +134,7 @@ class LayerGuard:
 def _set_args(guard: LayerGuard, req: ReadRequest, op: Set) -> tuple[Any, ...]:
     if guard.local:
         entry = op.entry
-        # Inside this band before expiry XFetch may fire (P(-ln U > 10) = 4.5e-5).
-        refresh_at = entry.fresh_until - entry.compute_time * req.policy.early_refresh_beta * 10
+        refresh_at = xfetch_band_start(entry, req.policy.early_refresh_beta)
         return (req.key, op.stored, entry, req.tags, op.lease, op.bump, req.alias, refresh_at)
     if op.unlock is not None:  # only ever the lock layer, a RedisLayer
         return (req.key, op.stored, op.entry, req.tags, op.lease, op.bump, op.unlock)

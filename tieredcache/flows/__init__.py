@@ -44,6 +44,7 @@ from .ops import (
     Unlock,
     WaitFill,
     make_entry,
+    xfetch_band_start,
     xfetch_due,
 )
 from .read import fill_flow, load_and_fill, lookup_flow, read_flow, refresh_flow
@@ -79,5 +80,6 @@ __all__ = [
     "set_flow",
     "unlock_flow",
     "write_flow",
+    "xfetch_band_start",
     "xfetch_due",
 ]

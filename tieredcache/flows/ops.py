@@ -217,6 +217,12 @@ def count(req: ReadRequest, position: int, field: int) -> None:
     req.counters[req.storage[position] * FIELDS + field] += 1
 
 
+def xfetch_band_start(entry: Entry, beta: float) -> float:
+    """When an in-process hit starts checking for an early refresh: inside this band
+    before expiry XFetch may fire (P(-ln U > 10) = 4.5e-5); before it, never."""
+    return entry.fresh_until - entry.compute_time * beta * 10
+
+
 def xfetch_due(entry: Entry, now: float, beta: float) -> bool:
     """XFetch (Vattani et al.): refresh early with a probability that grows near expiry."""
     if beta <= 0 or entry.compute_time <= 0:
