@@ -24,7 +24,6 @@ the two paths against each other.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -79,28 +78,17 @@ async def fast_miss(cache: TieredCache, req: ReadRequest, tags: tuple[str, ...])
     full = req.key.full
     if full in flights.calls:
         return await single.do(full, cache.async_runner.read, tags, req)
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    flights.calls[full] = future
-    if tags:
-        flights.tags[full] = tags
+    future = flights.lead(full, tags)
     try:
         result = await _read(cache, req)
-    except asyncio.CancelledError:
-        # The release is on its way before a waiter wakes to take over: that
-        # waiter's read-or-lock then follows it on the connection, as with the runner.
-        _release_if_held(cache, req)
-        future.cancel()
-        raise
     except BaseException as exc:
+        # The lock release is on its way before a waiter wakes (one may take over if
+        # this was a cancellation): its read-or-lock then follows it, as with the runner.
         _release_if_held(cache, req)
-        future.set_exception(exc)
-        future.exception()  # retrieved: every waiter re-raises it
+        flights.settle(full, future, error=exc)
         raise
-    else:
-        future.set_result(result)
-        return result
-    finally:
-        flights.release(full, future)
+    flights.settle(full, future, result)
+    return result
 
 
 def _release_if_held(cache: TieredCache, req: ReadRequest) -> None:

@@ -117,7 +117,7 @@ class AsyncSingleFlight:
 
     def flights(self) -> _Flights:
         """This event loop's calls in flight (for a leader that runs inline, as
-        :mod:`tieredcache.fastmiss` does: register, resolve, then ``release``)."""
+        :mod:`tieredcache.fastmiss` does: ``lead``, then ``settle``)."""
         return self._per_loop.get(_Flights)
 
     def forget(
@@ -161,24 +161,14 @@ class AsyncSingleFlight:
                     if future.cancelled() and (task is None or not task.cancelling()):
                         continue  # the leader was cancelled, not us: take over
                     raise
-            future = asyncio.get_running_loop().create_future()
-            calls[key] = future
-            if tags:
-                flights.tags[key] = tags
+            future = flights.lead(key, tags)
             try:
                 result = await fn(*args)
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
             except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # retrieved: every waiter re-raises it
+                flights.settle(key, future, error=exc)
                 raise
-            else:
-                future.set_result(result)
-                return result
-            finally:
-                flights.release(key, future)
+            flights.settle(key, future, result)
+            return result
 
 
 class _Flights:
@@ -189,6 +179,34 @@ class _Flights:
     def __init__(self) -> None:
         self.calls: dict[str, asyncio.Future[Any]] = {}
         self.tags: dict[str, tuple[str, ...]] = {}
+
+    def lead(self, key: str, tags: tuple[str, ...]) -> asyncio.Future[Any]:
+        """Register a call of ``key`` that its caller runs itself; later callers wait
+        for the future returned, which :meth:`settle` resolves."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.calls[key] = future
+        if tags:
+            self.tags[key] = tags
+        return future
+
+    def settle(
+        self,
+        key: str,
+        future: asyncio.Future[Any],
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Hand the leader's result (or ``error``) to its waiters; the call leaves."""
+        try:
+            if error is None:
+                future.set_result(result)
+            elif isinstance(error, asyncio.CancelledError):
+                future.cancel()  # a waiter that was not cancelled itself takes over
+            else:
+                future.set_exception(error)
+                future.exception()  # retrieved: every waiter re-raises it
+        finally:
+            self.release(key, future)
 
     def release(self, key: str, future: asyncio.Future[Any]) -> None:
         if self.calls.get(key) is future:  # not forgotten (and replaced) meanwhile
