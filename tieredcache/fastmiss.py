@@ -150,7 +150,7 @@ async def _shared_then_load(
             return await runner.run(_drop_then_load(req, [memory_lease, None]), req)
         if entry.fresh_until > now:
             count(req, 1, HIT)
-            _backfill_memory(cache, req, entry, memory_lease)
+            _set_memory(cache, req, entry, memory_lease)
             if xfetch_due(entry, now, req.policy.early_refresh_beta):
                 cache.background.spawn_arefresh(req, entry.created_at)
             return entry.value
@@ -182,13 +182,8 @@ def _drop_then_load(req: ReadRequest, leases: list[Any]) -> Flow:
     return (yield from load_and_fill(req, leases, None))
 
 
-def _backfill_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: Any) -> None:
-    accepted = _set_memory(cache, req, entry, lease)
-    if accepted is False:
-        req.counters[req.loader_base + LEASE_REJECTED] += 1
-
-
-def _set_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: Any) -> Any:
+def _set_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: Any) -> None:
+    """The in-process set of a fill or back-fill, counted as the runner's Set is."""
     guard = cache.guards[req.storage[0]]
     refresh_at = xfetch_band_start(entry, req.policy.early_refresh_beta)
     args = (req.key, entry, entry, req.tags, lease, False, req.alias, refresh_at)
@@ -197,7 +192,8 @@ def _set_memory(cache: TieredCache, req: ReadRequest, entry: Any, lease: Any) ->
     )
     if accepted:
         req.counters[guard.index * FIELDS + SET] += 1
-    return accepted
+    elif accepted is False:
+        req.counters[req.loader_base + LEASE_REJECTED] += 1
 
 
 async def _fill(
@@ -240,11 +236,7 @@ async def _fill(
             if accepted is False:
                 req.counters[req.loader_base + LEASE_REJECTED] += 1
                 return value
-        if _set_memory(cache, req, entry, leases[0]) is False:
-            req.counters[req.loader_base + LEASE_REJECTED] += 1
-            if not released:
-                await _unlock(cache, req, token)
-            return value
+        _set_memory(cache, req, entry, leases[0])
     if not released:
         await _unlock(cache, req, token)
     return value
