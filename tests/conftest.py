@@ -28,17 +28,26 @@ Fixtures:
           indirect=True,
       )
       def test_survives_restart(fresh_redis_server): ...
+
+Library fixtures:
+
+* ``fill_lock_released`` (function): ``await fill_lock_released(layer, key)`` is
+  whether the key's fill lock on that RedisLayer is gone within a second.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypeVar
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from scripts import services
 from scripts.services import PostgresServer, RedisClusterService, RedisService, ServiceError
+
+if TYPE_CHECKING:
+    from tieredcache import CacheKey, RedisLayer
 
 # --------------------------------------------------------------------------- services
 
@@ -124,3 +133,21 @@ def fresh_redis_server(request: pytest.FixtureRequest) -> Iterator[RedisService]
         yield server
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- library
+
+
+@pytest.fixture
+def fill_lock_released() -> Callable[[RedisLayer, CacheKey], Awaitable[bool]]:
+    """Whether a key's fill lock is gone within a second: a release handed to a
+    background task (a cancelled or failed load) lands a few loop turns later."""
+
+    async def released(layer: RedisLayer, key: CacheKey) -> bool:
+        for _ in range(100):
+            if not await layer.afill_lock_held(key):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    return released

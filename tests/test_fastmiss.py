@@ -83,15 +83,9 @@ async def setup(
     await cache.aclose()
 
 
-async def _lock_released(layer: RedisLayer, key: CacheKey) -> bool:
-    for _ in range(100):
-        if not await layer.afill_lock_held(key):
-            return True
-        await asyncio.sleep(0.01)
-    return False
-
-
-async def test_concurrent_callers_share_one_load_that_fills_both_layers(setup: Setup) -> None:
+async def test_concurrent_callers_share_one_load_that_fills_both_layers(
+    setup: Setup, fill_lock_released: Any
+) -> None:
     loads: list[int] = []
 
     @setup.cache.cached(ttl=60, tags=lambda n: [f"group:{n % 2}"])
@@ -106,7 +100,7 @@ async def test_concurrent_callers_share_one_load_that_fills_both_layers(setup: S
     assert results == [{"n": 7}] * 50 and loads == [7]
     assert await setup.redis.aget(key) is not None
     assert setup.memory.get(key) is not None
-    assert await _lock_released(setup.redis, key)
+    assert await fill_lock_released(setup.redis, key)
     counts = setup.counts()
     assert counts["calls"] == 1
     assert (counts["redis.misses"], counts["redis.sets"], counts["memory.sets"]) == (1, 1, 1)
@@ -149,7 +143,9 @@ async def test_a_failing_loader_reaches_every_waiter_and_releases_the_lock(setup
     assert setup.counts()["errors"] == 1
 
 
-async def test_a_cancelled_load_releases_the_fill_lock(setup: Setup) -> None:
+async def test_a_cancelled_load_releases_the_fill_lock(
+    setup: Setup, fill_lock_released: Any
+) -> None:
     started = asyncio.Event()
 
     @setup.cache.cached(ttl=60)
@@ -166,10 +162,12 @@ async def test_a_cancelled_load_releases_the_fill_lock(setup: Setup) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert await _lock_released(setup.redis, key), "a cancelled load kept the fill lock"
+    assert await fill_lock_released(setup.redis, key), "a cancelled load kept the fill lock"
 
 
-async def test_an_undecodable_shared_entry_is_counted_dropped_and_loaded(setup: Setup) -> None:
+async def test_an_undecodable_shared_entry_is_counted_dropped_and_loaded(
+    setup: Setup, fill_lock_released: Any
+) -> None:
     @setup.cache.cached(ttl=60)
     async def item(n: int) -> int:
         return n + 1
@@ -180,7 +178,7 @@ async def test_an_undecodable_shared_entry_is_counted_dropped_and_loaded(setup: 
         assert await item(5) == 6
     counts = setup.counts()
     assert (counts["calls"], counts["redis.errors"], counts["redis.sets"]) == (1, 1, 1)
-    assert await _lock_released(setup.redis, key)
+    assert await fill_lock_released(setup.redis, key)
 
 
 async def test_a_stale_memory_entry_is_served_while_it_is_refreshed(setup: Setup) -> None:
@@ -249,7 +247,9 @@ async def test_a_shared_hit_due_for_early_refresh_refreshes_in_the_background(
     assert calls == 2
 
 
-async def test_a_value_that_cannot_be_shared_still_serves_this_process(setup: Setup) -> None:
+async def test_a_value_that_cannot_be_shared_still_serves_this_process(
+    setup: Setup, fill_lock_released: Any
+) -> None:
     class Opaque:
         pass
 
@@ -268,12 +268,14 @@ async def test_a_value_that_cannot_be_shared_still_serves_this_process(setup: Se
         key = item.key(1)
     assert calls == 1
     assert await setup.redis.aget(key) is None
-    assert await _lock_released(setup.redis, key)
+    assert await fill_lock_released(setup.redis, key)
     counts = setup.counts()
     assert (counts["redis.errors"], counts["memory.sets"], counts["redis.sets"]) == (1, 1, 0)
 
 
-async def test_a_result_with_zero_ttl_is_not_stored_and_releases_the_lock(setup: Setup) -> None:
+async def test_a_result_with_zero_ttl_is_not_stored_and_releases_the_lock(
+    setup: Setup, fill_lock_released: Any
+) -> None:
     calls = 0
 
     @setup.cache.cached(ttl=60, negative_ttl=0)
@@ -286,7 +288,7 @@ async def test_a_result_with_zero_ttl_is_not_stored_and_releases_the_lock(setup:
         assert await item(1) is None
         key = item.key(1)
     assert calls == 2
-    assert await _lock_released(setup.redis, key)
+    assert await fill_lock_released(setup.redis, key)
     assert setup.counts()["redis.sets"] == 0
 
 
@@ -331,7 +333,9 @@ async def test_a_failing_shared_fill_still_fills_memory(
     assert await setup.redis.aget(key) is None
 
 
-async def test_an_invalidation_during_the_load_refuses_its_fills(setup: Setup) -> None:
+async def test_an_invalidation_during_the_load_refuses_its_fills(
+    setup: Setup, fill_lock_released: Any
+) -> None:
     calls = 0
 
     @setup.cache.cached(ttl=60)
@@ -347,11 +351,12 @@ async def test_an_invalidation_during_the_load_refuses_its_fills(setup: Setup) -
         assert await item(6) == 2  # ...but nobody after the invalidation does
         key = item.key(6)
     assert setup.counts()["lease_rejections"] == 1
-    assert await _lock_released(setup.redis, key)
+    assert await fill_lock_released(setup.redis, key)
 
 
 async def test_an_in_process_invalidation_during_the_load_refuses_only_that_fill(
     setup: Setup,
+    fill_lock_released: Any,
 ) -> None:
     calls = 0
 
@@ -370,7 +375,7 @@ async def test_an_in_process_invalidation_during_the_load_refuses_only_that_fill
         assert await setup.redis.aget(key) is not None  # ...accepted in Redis
         assert await item(2) == 1  # a shared hit
     assert setup.counts()["lease_rejections"] == 1
-    assert await _lock_released(setup.redis, key)
+    assert await fill_lock_released(setup.redis, key)
 
 
 async def test_an_in_process_invalidation_during_a_shared_read_refuses_the_backfill(
