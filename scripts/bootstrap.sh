@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up on Debian 12 / Python 3.11: system packages (redis-server,
-# PostgreSQL 15) when missing, then .venv with the project installed editable.
-# Installing system packages needs root; as non-root it only checks they are there.
+# redis-tools, PostgreSQL 15, Varnish with varnish-modules) when missing, then .venv
+# with the project installed editable. This is the ONLY place that installs system
+# packages: scripts/services.py and the test fixtures never do; they fail naming
+# this script. Installing needs root; as non-root it only checks they are there.
 # Re-running is cheap: nothing is reinstalled unless pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-EXTRAS="dev,redis,metrics,http,kafka"
+EXTRAS="dev,redis,metrics,http,kafka,debezium"
 VENV=.venv
 STAMP="$VENV/.tieredcache-install-stamp"
 PG_INITDB=/usr/lib/postgresql/15/bin/initdb
@@ -47,8 +49,16 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 [ -x "$PG_INITDB" ] || missing+=(postgresql-15)
+command -v varnishd >/dev/null 2>&1 || missing+=(varnish)
+[ -n "$(find /usr/lib -path '*varnish*/vmods/libvmod_xkey.so' -print -quit 2>/dev/null)" ] \
+    || missing+=(varnish-modules)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
+fi
+# PostgreSQL refuses to run as root: as root, the test servers run as 'postgres',
+# which the postgresql-15 package creates.
+if is_root && ! id postgres >/dev/null 2>&1; then
+    die "no 'postgres' user after installing postgresql-15; reinstall it: apt-get install --reinstall postgresql-15"
 fi
 
 # --- virtualenv ------------------------------------------------------------------

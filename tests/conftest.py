@@ -4,10 +4,10 @@ The first section holds only the *service* fixtures: real Redis, Redis Cluster a
 PostgreSQL servers started on free 127.0.0.1 ports by ``scripts.services`` (local
 processes, or testcontainers when Docker answers; ``TIEREDCACHE_USE_DOCKER=0/1``
 forces it). Library fixtures go in their own section below it, not mixed in.
+Nothing here installs anything: ``scripts/bootstrap.sh`` installs the servers.
 
 A service that cannot start makes the tests that need it FAIL with the reason and
-the server's log tail; they are never skipped. Flushing uses raw RESP over stdlib
-sockets, so these fixtures do not need redis-py.
+the server's log tail; they are never skipped.
 
 Fixtures:
 
@@ -31,13 +31,21 @@ Fixtures:
 
 Library fixtures:
 
+* ``clock`` (function): a ``tieredcache.testing.FakeClock`` at a fixed start.
 * ``fill_lock_released`` (function): ``await fill_lock_released(layer, key)`` is
-  whether the key's fill lock on that RedisLayer is gone within a second.
+  whether the key's fill lock on that RedisLayer is gone within a second. Kept for
+  ``tests/test_fastmiss.py`` until it becomes the parity suite; new tests write
+  ``await await_until(lambda: layer.afill_lock_held(key), expect=False)``.
+
+Waiting: tests wait for work on other threads, tasks or processes with
+``tieredcache.testing.wait_until`` / ``await_until`` and move time with
+``FakeClock``; a bare ``sleep`` is only for a delay that is itself under test (a
+slow loader, a lock held for a while).
 """
 
 from __future__ import annotations
 
-import asyncio
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
@@ -45,11 +53,19 @@ import pytest
 
 from scripts import services
 from scripts.services import PostgresServer, RedisClusterService, RedisService, ServiceError
+from tieredcache.testing import FakeClock, await_until
 
 if TYPE_CHECKING:
     from tieredcache import CacheKey, RedisLayer
 
 # --------------------------------------------------------------------------- services
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a killed run, a CI time-out) ends the run like Ctrl-C does, so the
+    fixtures' teardown stops the servers; the default action would leave them running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
 
 _S = TypeVar("_S", RedisService, RedisClusterService, PostgresServer)
 
@@ -78,12 +94,12 @@ def redis_url(redis_server: RedisService) -> str:
     """URL of the session Redis, emptied (FLUSHALL) before the test."""
     try:
         services.flushall(redis_server.host, redis_server.port)
-    except (OSError, ServiceError):
+    except Exception:  # redis.ConnectionError (an OSError or not), ServiceError
         # An earlier test stopped or killed the shared server: bring it back, same port.
         try:
             redis_server.restart()
             services.flushall(redis_server.host, redis_server.port)
-        except (OSError, ServiceError) as exc:
+        except Exception as exc:
             pytest.fail(f"the session Redis at {redis_server.url} is unusable: {exc}")
     return redis_server.url
 
@@ -105,7 +121,7 @@ def redis_cluster_nodes(redis_cluster: RedisClusterService) -> list[tuple[str, i
     for host, port in nodes:
         try:
             services.flushall(host, port)
-        except (OSError, ServiceError) as exc:
+        except Exception as exc:
             pytest.fail(f"cannot flush Redis Cluster node {host}:{port}: {exc}")
     return nodes
 
@@ -139,15 +155,21 @@ def fresh_redis_server(request: pytest.FixtureRequest) -> Iterator[RedisService]
 
 
 @pytest.fixture
+def clock() -> FakeClock:
+    """The fake clock for TTL, stale-window and XFetch tests: moved, never slept on."""
+    return FakeClock()
+
+
+@pytest.fixture
 def fill_lock_released() -> Callable[[RedisLayer, CacheKey], Awaitable[bool]]:
     """Whether a key's fill lock is gone within a second: a release handed to a
     background task (a cancelled or failed load) lands a few loop turns later."""
 
     async def released(layer: RedisLayer, key: CacheKey) -> bool:
-        for _ in range(100):
-            if not await layer.afill_lock_held(key):
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        try:
+            await await_until(lambda: layer.afill_lock_held(key), expect=False, timeout=1.0)
+        except AssertionError:
+            return False
+        return True
 
     return released

@@ -25,26 +25,9 @@ from tieredcache import (
     current_tenant,
     tenant_scope,
 )
+from tieredcache.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class FakeClock:
-    """A wall clock that only moves when told to."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
@@ -122,6 +105,8 @@ def test_constructing_a_cache_with_redis_opens_no_connection() -> None:
 
     layers = [MemoryLayer(), RedisLayer(url="redis://127.0.0.1:1/0")]
     cache = TieredCache(namespace="api", layers=layers)
+    assert list(cache.layers) == layers
+    assert cache.stats().layers["redis"].errors == 0  # nothing was tried yet
     cache.close()
 
 

@@ -232,6 +232,8 @@ async def test_a_silent_server_times_out_and_the_next_request_reconnects() -> No
 
 
 async def test_auth_and_db_selection(fresh_redis_server: Any) -> None:
+    """The multiplexed connection sends AUTH and SELECT from the URL; a wrong password raises
+    AuthenticationError and leaves no handshake reply unretrieved."""
     host_port = fresh_redis_server.url.split("//", 1)[1].split("/", 1)[0]
     setup = redis.asyncio.Redis.from_url(fresh_redis_server.url)
     await setup.config_set("requirepass", "s3cret")
@@ -248,7 +250,7 @@ async def test_auth_and_db_selection(fresh_redis_server: Any) -> None:
     asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
     with pytest.raises(redis.exceptions.AuthenticationError):
         await wrong.get("in-db-3")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a stray "never retrieved" report (an absence)
     gc.collect()
     assert not unhandled, "a handshake reply was left unretrieved"
     await pipeline.aclose()

@@ -20,21 +20,9 @@ from tieredcache import (
     current_tenant,
     tenant_scope,
 )
+from tieredcache.testing import FakeClock, wait_until
 
 NS = "compose"
-
-
-class FakeClock:
-    """A wall clock that only moves when told to."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class RecordingCDN:
@@ -185,7 +173,7 @@ def test_redis_hit_backfills_l1_of_another_replica_with_the_remaining_ttl(
 ) -> None:
     """Replica B (empty L1) finds A's value in Redis 60 s into its 100 s TTL: no load, and
     B's L1 entry expires with the original (40 s left); after that B loads again."""
-    clock = FakeClock()
+    clock = FakeClock(time.time())
     start = clock.now
     loads: list[str] = []
 
@@ -395,15 +383,6 @@ async def test_read_through_aget_with_a_sync_loader(memory_cache: TieredCache) -
 # -- replica broadcast ------------------------------------------------------------------------
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 @pytest.mark.redis
 def test_invalidation_on_one_replica_clears_the_other_replicas_l1(
     redis_url: str, closing: Callable[[TieredCache], TieredCache]
@@ -435,10 +414,10 @@ def test_invalidation_on_one_replica_clears_the_other_replicas_l1(
         assert b.memory.get(key1) is not None and b.memory.get(key2) is not None
 
         assert fa.invalidate(1).ok
-        assert _wait_until(lambda: b.memory.get(key1) is None), "key not dropped on replica B"
+        wait_until(lambda: b.memory.get(key1) is None, timeout=1.0, message="key dropped on B")
         assert b.memory.get(key2) is not None
         assert a.invalidate(tags=["x:2"]).ok
-        assert _wait_until(lambda: b.memory.get(key2) is None), "tag not dropped on replica B"
+        wait_until(lambda: b.memory.get(key2) is None, timeout=1.0, message="tag dropped on B")
 
         fb(1)
         assert loads == ["a", "a", "b"]
@@ -455,7 +434,7 @@ def test_explicit_set_on_one_replica_replaces_the_other_replicas_l1_value(
     a.set("k", "old", ttl=60, tenant="acme")
     assert b.get("k", tenant="acme") == "old"
     a.set("k", "new", ttl=60, tenant="acme")
-    assert _wait_until(lambda: b.get("k", tenant="acme") == "new")
+    wait_until(lambda: b.get("k", tenant="acme") == "new", timeout=1.0)
 
 
 @pytest.mark.redis
@@ -469,7 +448,8 @@ def test_broadcast_stays_within_the_tenant(
     for tenant in ("acme", "globex"):
         b.set("k", tenant, ttl=60, tenant=tenant)
     a.invalidate(["k"], tenant="acme")
-    assert _wait_until(
-        lambda: b.memory is not None and b.memory.get(CacheKey(NS, "acme", "k")) is None
+    wait_until(
+        lambda: b.memory is not None and b.memory.get(CacheKey(NS, "acme", "k")) is None,
+        timeout=1.0,
     )
     assert b.memory.get(CacheKey(NS, "globex", "k")) is not None

@@ -123,6 +123,8 @@ def test_a_silent_server_times_out_and_the_next_command_reconnects() -> None:
 
 
 def test_auth_and_db_selection(fresh_redis_server: Any) -> None:
+    """The per-thread socket sends AUTH and SELECT from the URL; a wrong password raises
+    AuthenticationError."""
     host_port = fresh_redis_server.url.split("//", 1)[1].split("/", 1)[0]
     redis.Redis.from_url(fresh_redis_server.url).config_set("requirepass", "s3cret")
     admin = redis.Redis.from_url(f"redis://:s3cret@{host_port}/3")

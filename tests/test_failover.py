@@ -166,6 +166,8 @@ def test_redis_is_used_again_after_restart_and_reset_timeout(
         assert cache.stats().breakers["redis"] == "open"
         fresh_redis_server.restart()
         assert _value_names(fresh_redis_server.url) == []  # a restarted server is empty
+        # The breaker that TieredCache builds times its reset on time.monotonic and takes
+        # no injected clock, so waiting out the reset timeout is the behaviour under test.
         time.sleep(RESET + 0.1)
         assert price(100) == 1000
         names = _value_names(fresh_redis_server.url)

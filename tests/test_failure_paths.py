@@ -10,16 +10,7 @@ from typing import Any
 import pytest
 
 from tieredcache import BackendError, MemoryLayer, RedisLayer, TieredCache, tenant_scope
-from tieredcache.testing import FakeClock
-
-
-def _wait_until(predicate: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+from tieredcache.testing import FakeClock, FlakyLayer, await_until, wait_until
 
 
 @pytest.mark.redis
@@ -46,14 +37,17 @@ def test_a_late_load_that_fails_after_its_soft_timeout_releases_the_fill_lock(
         started = time.perf_counter()
         assert price(1) == "v1"  # stale after the soft timeout
         assert time.perf_counter() - started < 0.2
-    assert _wait_until(lambda: not layer.fill_lock_held(key)), "the fill lock outlived the load"
+    wait_until(
+        lambda: layer.fill_lock_held(key),
+        expect=False,
+        timeout=3.0,
+        message="the fill lock outlived the load: released",
+    )
     cache.close()
 
 
 @pytest.mark.redis
-async def test_a_cancelled_caller_releases_the_fill_lock(
-    redis_url: str, fill_lock_released: Any
-) -> None:
+async def test_a_cancelled_caller_releases_the_fill_lock(redis_url: str) -> None:
     layer = RedisLayer(url=redis_url)
     cache = TieredCache("paths", [layer], broadcast=False)
     started = asyncio.Event()
@@ -72,7 +66,12 @@ async def test_a_cancelled_caller_releases_the_fill_lock(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert await fill_lock_released(layer, key), "a cancelled request kept the fill lock"
+    await await_until(
+        lambda: layer.afill_lock_held(key),
+        expect=False,
+        timeout=1.0,
+        message="a cancelled request kept the fill lock: released",
+    )
     await cache.aclose()
 
 
@@ -151,7 +150,7 @@ def test_background_refreshes_do_not_starve_their_own_timed_loads() -> None:
         version = 2
         clock.advance(15)
         assert [price(i) for i in range(8)] == [1] * 8  # stale; eight refreshes start
-        assert _wait_until(lambda: [price(i) for i in range(8)] == [2] * 8, timeout=5)
+        wait_until(lambda: [price(i) for i in range(8)] == [2] * 8, message="all eight refreshed")
     stats = cache.stats()
     assert stats.loader.timeouts == 0 and stats.loader.errors == 0
     cache.close()
@@ -185,8 +184,6 @@ async def test_a_load_past_its_soft_timeout_is_still_stopped_at_the_hard_timeout
 @pytest.mark.redis
 async def test_flaky_layer_degrades_a_shared_layer_to_the_loader(redis_url: str) -> None:
     """tieredcache.testing.FlakyLayer: while it fails, calls still succeed via the loader."""
-    from tieredcache.testing import FlakyLayer
-
     flaky = FlakyLayer(RedisLayer(url=redis_url))
     cache = TieredCache("paths", [MemoryLayer(), flaky], broadcast=False, breaker_failures=100)
     calls = 0
@@ -214,7 +211,7 @@ async def test_flaky_layer_degrades_a_shared_layer_to_the_loader(redis_url: str)
 
 @pytest.mark.redis
 async def test_a_read_cancelled_while_its_lock_attempt_is_on_the_wire_releases_it(
-    redis_url: str, fill_lock_released: Any
+    redis_url: str,
 ) -> None:
     """Behind an in-process layer the miss's first command takes the fill lock; a caller
     cancelled before its reply came back must not leave that lock for others to wait on."""
@@ -235,7 +232,12 @@ async def test_a_read_cancelled_while_its_lock_attempt_is_on_the_wire_releases_i
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await fill_lock_released(layer, key), "a cancelled read kept the fill lock"
+        await await_until(
+            lambda: layer.afill_lock_held(key),
+            expect=False,
+            timeout=1.0,
+            message="a cancelled read kept the fill lock: released",
+        )
         began = time.monotonic()
         assert await item(1) == 1
         assert time.monotonic() - began < 1.0  # no wait for a lock nobody holds

@@ -11,6 +11,7 @@ import pytest
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache.layers.base import StorageLayer
+from tieredcache.testing import wait_until
 
 
 @pytest.fixture(params=["memory", "memory+redis", "redis"])
@@ -118,8 +119,8 @@ def test_invalidation_from_another_replica_defeats_a_fill_in_flight(redis_url: s
         assert get_b.invalidate(1).ok
     origin.release.set()
     reader.join()
-    time.sleep(0.1)
     with tenant_scope("acme"):
+        wait_until(lambda: get_a(1) == "v2", message="B's invalidation reached A")
         assert [get_a(1), get_b(1)] == ["v2", "v2"]
     assert first == ["v1"]
     replica_a.close()
@@ -159,7 +160,7 @@ def test_an_expired_generation_never_restarts_at_a_value_a_lease_holds(redis_url
     layer = RedisLayer(url=redis_url, lease_ttl=1.0)
     key = CacheKey("lease", "acme", "row:1")
     layer.delete([key])  # generation set, expiring in 1 s
-    time.sleep(0.6)
+    time.sleep(0.6)  # Redis expires the generation on its own clock: the wait is the test
     lease = layer.lease(key, ())
     time.sleep(0.6)  # the generation has expired; the lease is 0.6 s old
     layer.delete([key])  # the row changed again

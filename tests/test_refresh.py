@@ -12,20 +12,11 @@ import pytest
 from tieredcache import LoaderTimeoutError, MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache.entry import Entry
 from tieredcache.flows import xfetch_due
-from tieredcache.testing import FakeClock
+from tieredcache.testing import FakeClock, wait_until
 
 
 def _cache(clock: FakeClock) -> TieredCache:
     return TieredCache("refresh", [MemoryLayer(timer=clock)], clock=clock)
-
-
-def _wait_for(predicate: object, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 def test_fail_safe_serves_stale_when_the_loader_fails_and_throttles_retries() -> None:
@@ -96,7 +87,7 @@ def test_stale_while_revalidate_serves_stale_at_once_and_refreshes_once() -> Non
         assert [price(1) for _ in range(5)] == [1] * 5  # stale, served without waiting
         assert time.perf_counter() - started < 0.5
         gate.set()
-        _wait_for(lambda: price(1) == 2)
+        wait_until(lambda: price(1) == 2)
     assert calls == 2  # one background refresh for five stale reads
     cache.close()
 
@@ -134,8 +125,8 @@ def test_xfetch_refreshes_a_hot_key_before_it_expires(monkeypatch: pytest.Monkey
         clock.advance(9.99)  # 10 ms before expiry, inside the XFetch band
         monkeypatch.setattr(random, "random", lambda: 1e-9)  # the coin says refresh
         assert price(1) == 1  # served from cache; the refresh runs in the background
-        _wait_for(lambda: calls == 2)
-        _wait_for(lambda: price(1) == 2)
+        wait_until(lambda: calls == 2)
+        wait_until(lambda: price(1) == 2)
     assert cache.stats().loader.early_refreshes >= 1
     cache.close()
 
@@ -159,7 +150,7 @@ def test_soft_timeout_serves_stale_and_the_late_result_still_fills() -> None:
         started = time.perf_counter()
         assert price(1) == 1  # stale after the 50 ms soft timeout
         assert time.perf_counter() - started < 0.25
-        _wait_for(lambda: price(1) == 2)
+        wait_until(lambda: price(1) == 2)
     cache.close()
 
 
@@ -244,9 +235,12 @@ def test_stale_while_revalidate_refresh_is_single_cluster_wide(redis_url: str) -
         clock.advance(15)
         assert functions[0](1) == 1
         assert functions[1](1) == 1
+        wait_until(lambda: calls == 2, message="the first refresh started")
+        # No event marks "the other replica's refresh found the lock held": this
+        # window is where a second load would show up (an absence cannot be polled).
         time.sleep(0.3)
         gate.set()
-        _wait_for(lambda: functions[0](1) == 2)
+        wait_until(lambda: functions[0](1) == 2)
     assert calls == 2
     for cache in replicas:
         cache.close()

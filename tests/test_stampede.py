@@ -15,6 +15,7 @@ import redis
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache.stampede import AsyncSingleFlight, SingleFlight
+from tieredcache.testing import await_until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,15 +83,19 @@ def test_threads_share_one_loader_call_and_its_result() -> None:
         return item * 10
 
     results: list[int] = []
+    arrived = threading.Semaphore(0)
 
     def call() -> None:
+        arrived.release()
         with tenant_scope("acme"):
             results.append(load(3))
 
     threads = [threading.Thread(target=call) for _ in range(64)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    for _ in threads:
+        assert arrived.acquire(timeout=5)
+    wait_until(lambda: calls == 1, message="the leader is loading")
     gate.set()
     for thread in threads:
         thread.join()
@@ -107,7 +112,10 @@ def test_singleflight_waiters_get_the_leaders_exception() -> None:
         gate.wait(2)
         raise ValueError("boom")
 
+    arrived = threading.Semaphore(0)
+
     def call() -> None:
+        arrived.release()
         try:
             flight.do("k", fail)
         except ValueError as exc:
@@ -116,7 +124,9 @@ def test_singleflight_waiters_get_the_leaders_exception() -> None:
     threads = [threading.Thread(target=call) for _ in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(0.1)
+    for _ in threads:
+        assert arrived.acquire(timeout=5)
+    wait_until(lambda: len(flight) == 1, message="the leader is in flight")
     gate.set()
     for thread in threads:
         thread.join()
@@ -185,7 +195,7 @@ def test_waiters_are_woken_by_the_release_not_by_polling(redis_url: str) -> None
 
     leader = threading.Thread(target=call, args=(load_first,))
     leader.start()
-    time.sleep(0.2)
+    wait_until(lambda: calls == 1, message="the leader holds the fill lock and loads")
     client.config_resetstat()
     waiter = threading.Thread(target=call, args=(load_second,))
     waiter.start()
@@ -288,13 +298,13 @@ async def test_a_broadcast_invalidation_detaches_the_loads_in_flight(redis_url: 
     with tenant_scope("acme"):
         load = asyncio.create_task(item(1))
         key = item.key(1)
-        while not here.async_singleflight.in_flight(key.full):
-            await asyncio.sleep(0.001)
+        await await_until(lambda: here.async_singleflight.in_flight(key.full))
         await there.ainvalidate([key])  # another replica
-        deadline = time.monotonic() + 5
-        while here.async_singleflight.in_flight(key.full):
-            assert time.monotonic() < deadline, "the broadcast never detached the load"
-            await asyncio.sleep(0.005)
+        await await_until(
+            lambda: here.async_singleflight.in_flight(key.full),
+            expect=False,
+            message="the broadcast detached the load",
+        )
         release.set()
         assert await load == 1
     await here.aclose()

@@ -341,7 +341,7 @@ async def test_scopes_in_concurrent_asyncio_tasks_do_not_leak(cache: TieredCache
 
     async def in_scope(tenant: str) -> list[str | None]:
         with tenant_scope(tenant):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # suspend inside the scope, so the tasks interleave
             first = current_tenant()
             value = await awhoami(1)
             await asyncio.sleep(0.01)

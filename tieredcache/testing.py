@@ -1,23 +1,96 @@
 """Helpers for testing code that uses tieredcache (and for tieredcache's own tests).
 
-from tieredcache.testing import FakeClock, FlakyLayer
+from tieredcache.testing import FakeClock, FlakyLayer, await_until, wait_until
 
 clock = FakeClock()
 cache = TieredCache("shop", [MemoryLayer(timer=clock)], clock=clock)
 clock.advance(61)          # every entry with ttl=60 is now expired, no sleeping
+
+wait_until(lambda: flusher.backlog() == 0)           # raises AssertionError after 5 s
+await await_until(lambda: layer.afill_lock_held(key), expect=False)
+
+Time that tieredcache computes with (TTLs, stale windows, XFetch) is moved with
+FakeClock. Work that happens on another thread, task or process (a background
+refresh, a broadcast, a release handed to a task) is waited for with
+wait_until/await_until, never with a bare sleep of a guessed length.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .entry import Entry
 from .errors import BackendError
 from .keys import CacheKey, Tag
 
-__all__ = ["FakeClock", "FlakyLayer"]
+__all__ = ["FakeClock", "FlakyLayer", "await_until", "wait_until"]
+
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_INTERVAL = 0.005
+
+
+def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
+    return AssertionError(f"{what} not true within {timeout:g} s (last value: {last!r})")
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = DEFAULT_INTERVAL,
+    expect: object = True,
+    message: str | None = None,
+) -> Any:
+    """Call ``predicate`` until its result is truthy, and return that result.
+
+    With ``expect=False`` it waits for a falsy result instead. It polls every
+    ``interval`` seconds of real time and raises ``AssertionError`` (naming
+    ``message`` and the last value) when ``timeout`` seconds pass first, so a
+    test that waits for work on another thread fails with a reason instead of
+    hanging or guessing a sleep::
+
+        wait_until(lambda: loader.calls == 2, message="the background refresh ran")
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if bool(result) is bool(expect):
+            return result
+        if time.monotonic() >= deadline:
+            raise _timed_out(message or "condition", timeout, result)
+        time.sleep(interval)
+
+
+async def await_until(
+    predicate: Callable[[], object | Awaitable[object]],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = DEFAULT_INTERVAL,
+    expect: object = True,
+    message: str | None = None,
+) -> Any:
+    """The async twin of :func:`wait_until`: the event loop runs while it waits.
+
+    ``predicate`` may be a plain function or return an awaitable (an async
+    method such as ``layer.afill_lock_held``), which is awaited each time::
+
+        await await_until(lambda: layer.afill_lock_held(key), expect=False)
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if bool(result) is bool(expect):
+            return result
+        if time.monotonic() >= deadline:
+            raise _timed_out(message or "condition", timeout, result)
+        await asyncio.sleep(interval)
 
 
 class FakeClock:
