@@ -558,6 +558,7 @@ def main() -> int:
     peers.add_source_argument(parser)
     args = parser.parse_args()
     print(peers.use_snapshot(args.source), file=sys.stderr)
+    peers.keep_results(not args.no_write)
     if args.quick:
         args.repeat, args.target, args.rounds = 3, 0.05, 1
     params = {"repeat": args.repeat, "target": args.target}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import _harness as h
+import _redis
 import peers
 
 HERE = Path(__file__).resolve().parent
@@ -392,21 +393,6 @@ INFO_MODES = [
 ]
 
 
-def _info(host: str, port: int, section: str) -> dict[str, Any]:
-    import redis
-
-    r = redis.Redis(host=host, port=port)
-    try:
-        return dict(r.info(section))
-    finally:
-        r.close()
-
-
-def _commandstats(host: str, port: int) -> dict[str, dict[str, float]]:
-    info = _info(host, port, "commandstats")
-    return {k[8:]: v for k, v in info.items() if k.startswith("cmdstat_")}
-
-
 def _ratios(result: dict[str, Any]) -> list[float]:
     return [a / b for a, b in zip(result["ours"], result["raw"], strict=True)]
 
@@ -463,22 +449,20 @@ def main() -> int:
     peers.add_source_argument(parser)
     args = parser.parse_args()
     print(peers.use_snapshot(args.source), file=sys.stderr)
+    peers.keep_results(not args.no_write)
     if args.quick:
         args.pairs, args.target = 4, 0.1
-
-    sys.path.insert(0, str(peers.ROOT))
-    from scripts.services import RedisServer
 
     results: dict[tuple[str, str], dict[str, Any]] = {}
     server_cost: list[str] = []
     cpus = os.sched_getaffinity(0)
     pin = len(os.sched_getaffinity(0) & {0, 1}) == 2
     placements = PLACEMENTS if pin else [("unpinned", "fewer than 2 CPUs", set(), set())]
-    with RedisServer() as server:
+    with _redis.server() as server:
         url = server.url
-        redis_v = peers.redis_version(server.host, server.port)
-        redis_pid = int(_info(server.host, server.port, "server")["process_id"])
-        before = _commandstats(server.host, server.port)
+        before = _redis.info(server.host, server.port)
+        redis_v = before["redis_version"]
+        redis_pid = int(before["process_id"])
         try:
             for name, _desc, redis_cpus, client_cpus in placements:
                 if pin:
@@ -495,11 +479,10 @@ def main() -> int:
                     print(f"  {time.monotonic() - t0:.0f} s", file=sys.stderr)
         finally:
             os.sched_setaffinity(0, cpus)
-        after = _commandstats(server.host, server.port)
+        done = _redis.delta(before, _redis.info(server.host, server.port))
     for cmd in ("get", "mget"):
-        if cmd in after:
-            calls = after[cmd]["calls"] - before.get(cmd, {}).get("calls", 0)
-            usec = after[cmd]["usec"] - before.get(cmd, {}).get("usec", 0)
+        if cmd in done["commands"]:
+            calls, usec = done["commands"][cmd], done["usec"][cmd]
             server_cost.append(f"{cmd.upper()} {usec / max(calls, 1):.2f} µs/call")
 
     m = peers.machine()

@@ -15,11 +15,15 @@ to Redis and is reported by its median run: wall time, loader calls, server-side
 commands and read events (``INFO``), and the commands and socket writes its
 client sent (redis-py's connections, and tieredcache's fast path). ``--proxy``
 adds a pass of each through a counting TCP proxy to cross-check the client
-counts from outside.
+counts from outside. ``--callers N`` changes the number of concurrent callers
+(default 1,000); ``--with tieredcache_many`` adds an opt-in row, tieredcache with
+default settings under 10,000 callers, with its loader calls against distinct keys
+and the BackendTimeoutErrors its callers saw or its layers logged.
 
-    .venv/bin/python benchmarks/bench_zipf.py              # full run (~4-5 min)
+    .venv/bin/python benchmarks/bench_zipf.py              # full run (~15 min)
     .venv/bin/python benchmarks/bench_zipf.py --quick      # 20,000 requests
     .venv/bin/python benchmarks/bench_zipf.py --only tieredcache,cashews --proxy
+    .venv/bin/python benchmarks/bench_zipf.py --with tieredcache_many --source /work/before
 """
 
 from __future__ import annotations
@@ -33,9 +37,6 @@ import logging
 import os
 import random
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import _redis
 import peers
 
 HERE = Path(__file__).resolve().parent
@@ -79,92 +81,15 @@ class Loader:
         return value(uid)
 
 
-def _count_redis_commands() -> dict[str, int]:
-    """Count what redis-py's asyncio connections send (every contender uses redis-py).
-
-    ``commands``: commands packed (a pipeline's commands each count; commands run inside
-    a Lua script do not, the script call does); ``bursts``: ``send_packed_command`` calls,
-    i.e. socket writes of one command or one pipeline. A wrapper costs ~0.2 µs per command,
-    the same for every contender. ``--proxy`` cross-checks these counts from the outside.
-    """
-    from redis.asyncio.connection import Connection
-
-    counts: dict[str, Any] = {"commands": 0, "bursts": 0, "by_name": {}}
-    by_name: dict[str, int] = counts["by_name"]
-    depth = [0]
-
-    def name_of(args: Any) -> str:
-        first = args[0] if args else b"?"
-        text = first.decode() if isinstance(first, bytes) else str(first)
-        return text.split()[0].upper()
-
-    pack_command = Connection.pack_command
-    pack_commands = Connection.pack_commands
-    send_packed_command = Connection.send_packed_command
-
-    def counting_pack_command(self: Any, *args: Any) -> Any:
-        if depth[0] == 0:
-            counts["commands"] += 1
-            name = name_of(args)
-            by_name[name] = by_name.get(name, 0) + 1
-        return pack_command(self, *args)
-
-    def counting_pack_commands(self: Any, commands: Any) -> Any:
-        commands = list(commands)
-        counts["commands"] += len(commands)
-        for args in commands:
-            name = name_of(args)
-            by_name[name] = by_name.get(name, 0) + 1
-        depth[0] += 1
-        try:
-            return pack_commands(self, commands)
-        finally:
-            depth[0] -= 1
-
-    async def counting_send_packed_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        counts["bursts"] += 1
-        return await send_packed_command(self, *args, **kwargs)
-
-    Connection.pack_command = counting_pack_command  # type: ignore[method-assign]
-    Connection.pack_commands = counting_pack_commands  # type: ignore[method-assign]
-    Connection.send_packed_command = counting_send_packed_command  # type: ignore[method-assign]
-    _count_fast_path(counts, name_of)
-    return counts
-
-
-def _count_fast_path(counts: dict[str, Any], name_of: Callable[[Any], str]) -> None:
-    """tieredcache's fast path writes on sockets of its own: count its commands and
-    its socket writes the same way (a no-op in the peers' venvs)."""
-    try:
-        from tieredcache.layers.multiplex import MultiplexedConnection
-    except ImportError:
-        return
-    by_name: dict[str, int] = counts["by_name"]
-    execute = MultiplexedConnection.execute
-    write = MultiplexedConnection._write
-
-    def counting_execute(self: Any, *args: Any) -> Any:
-        counts["commands"] += 1
-        name = name_of(args)
-        by_name[name] = by_name.get(name, 0) + 1
-        return execute(self, *args)
-
-    def counting_write(self: Any, *args: Any) -> Any:
-        counts["bursts"] += 1
-        return write(self, *args)
-
-    MultiplexedConnection.execute = counting_execute  # type: ignore[method-assign]
-    MultiplexedConnection._write = counting_write  # type: ignore[method-assign]
-
-
 async def _drive(
     call: Callable[[int], Awaitable[Any]], keys: list[int], workers: int
 ) -> dict[str, Any]:
-    counts = _count_redis_commands()
+    counts = _redis.count_client("async")
     it = iter(keys)
     wrong = 0
     errors = 0
     first_error = ""
+    errors_by_type: dict[str, int] = {}
 
     async def worker() -> None:
         nonlocal wrong, errors, first_error
@@ -174,6 +99,8 @@ async def _drive(
             except Exception as exc:
                 errors += 1
                 first_error = first_error or f"{type(exc).__name__}: {exc}"[:200]
+                kind = type(exc).__name__
+                errors_by_type[kind] = errors_by_type.get(kind, 0) + 1
                 continue
             if not isinstance(result, dict) or result.get("uid") != uid:
                 wrong += 1
@@ -189,6 +116,7 @@ async def _drive(
         "cpu": cpu,
         "wrong": wrong,
         "errors": errors,
+        "errors_by_type": errors_by_type,
         "first_error": first_error,
         "rss_mb": cpu1.ru_maxrss / 1024,
         "client": counts,
@@ -215,8 +143,14 @@ class _LogCounter(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.counts: dict[str, int] = {}
+        self.by_type: dict[str, int] = {}  # exception classes among the records' arguments
 
     def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in (*args, record.exc_info[1] if record.exc_info else None):
+            if isinstance(arg, BaseException):
+                kind = type(arg).__name__
+                self.by_type[kind] = self.by_type.get(kind, 0) + 1
         message = record.getMessage()
         kind = message.rsplit(": ", 2)[-2] if message.count(": ") >= 2 else message
         kind = kind.split("failed during ")[-1]
@@ -288,9 +222,11 @@ def child_tieredcache(
             else:
                 result = await _drive(get_item, key_list, workers)
         result["layer_warnings"] = log_counter.counts
+        result["logged_by_type"] = log_counter.by_type
         stats = cache.stats()
         result["library_stats"] = {
             "loader.calls": stats.loader.calls,
+            "loader.timeouts": stats.loader.timeouts,
             "loader.lock_waits": stats.loader.lock_waits,
             "loader.lease_rejections": stats.loader.lease_rejections,
             **{
@@ -469,6 +405,7 @@ def child_cacheme_local(url: str, keys: str, workers: int, sleep: float) -> dict
 
 CHILDREN = {
     "tieredcache": child_tieredcache,
+    "tieredcache_many": child_tieredcache,
     "tieredcache_l2": child_tieredcache_l2,
     "tieredcache_profile": child_tieredcache_profile,
     "tieredcache_redispy": child_tieredcache_redispy,
@@ -506,114 +443,17 @@ CONTENDERS = [
     ("cacheme", "cacheme", "cacheme", f"Redis storage, pool {POOL}, msgpack"),
     ("cacheme_local", "cacheme local+redis", "cacheme", "local TinyLFU(100k) + Redis storage"),
 ]
-
-
-# --------------------------------------------------------------------------- Redis and proxy
-
-
-def _resp(host: str, port: int, *args: str) -> bytes:
-    """Send one command with a raw socket (so it is no contender's client) and read the reply."""
-    payload = f"*{len(args)}\r\n".encode() + b"".join(
-        f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args
-    )
-    with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(payload)
-        data = b""
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-            if data[:1] in (b"+", b"-", b":") and data.endswith(b"\r\n"):
-                break
-            if data[:1] == b"$":
-                head, _, rest = data.partition(b"\r\n")
-                if len(rest) >= int(head[1:]) + 2:
-                    break
-    return data
-
-
-def _info(host: str, port: int) -> dict[str, Any]:
-    text = _resp(host, port, "INFO", "all").decode(errors="replace")
-    out: dict[str, Any] = {}
-    for line in text.splitlines()[1:]:
-        key, sep, val = line.partition(":")
-        if not sep:
-            continue
-        if key.startswith("cmdstat_"):
-            fields = dict(part.split("=") for part in val.split(","))
-            out[key] = int(fields["calls"])
-        elif key.startswith("db"):
-            fields = dict(part.split("=") for part in val.split(","))
-            out[f"keys_{key}"] = int(fields["keys"])
-        else:
-            out[key] = val
-    return out
-
-
-def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    commands: dict[str, int] = {}
-    for key, calls in after.items():
-        if key.startswith("cmdstat_") and key not in ("cmdstat_info", "cmdstat_flushall"):
-            diff = calls - before.get(key, 0)
-            if diff:
-                commands[key[8:]] = diff
-    return {
-        "commands": commands,
-        "commands_total": sum(commands.values()),
-        # One read event per INFO of ours; the "before" INFO is not in the delta.
-        "reads": int(after["total_reads_processed"]) - int(before["total_reads_processed"]) - 1,
-        "connections": int(after["total_connections_received"])
-        - int(before["total_connections_received"])
-        - 1,
-        "keys": sum(v for k, v in after.items() if k.startswith("keys_")),
-    }
-
-
-class Proxy:
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.port = _free_port()
-        self.stats = Path(tempfile.mkdtemp(prefix="zipf-proxy-")) / "stats.json"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Proxy:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "_resp_proxy.py"),
-                str(self.port),
-                self.upstream[0],
-                str(self.upstream[1]),
-                str(self.stats),
-            ]
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        return self
-
-    def counts(self) -> dict[str, int]:
-        return dict(json.loads(self.stats.read_text()))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# Rows run only when named in --only or --with; their own number of concurrent callers.
+MANY_CALLERS = 10_000
+OPTIONAL = [
+    (
+        "tieredcache_many",
+        f"tieredcache L1+L2, {MANY_CALLERS:,} callers",
+        "project",
+        f"as the first row (defaults), {MANY_CALLERS:,} concurrent callers",
+    ),
+]
+CALLERS = {"tieredcache_many": MANY_CALLERS}
 
 
 # --------------------------------------------------------------------------- report
@@ -633,7 +473,20 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
-    parser.add_argument("--workers", type=int, default=1000)
+    parser.add_argument(
+        "--callers",
+        "--workers",
+        dest="workers",
+        type=int,
+        default=1000,
+        help="concurrent asyncio callers (default 1,000)",
+    )
+    parser.add_argument(
+        "--with",
+        dest="with_",
+        default="",
+        help=f"comma-separated optional rows to add: {', '.join(n for n, *_ in OPTIONAL)}",
+    )
     parser.add_argument("--sleep", type=float, default=0.1, help="loader sleep, seconds")
     parser.add_argument("--s", type=float, default=1.001, help="Zipf exponent")
     parser.add_argument("--v", type=float, default=10.0, help="Zipf offset")
@@ -656,10 +509,17 @@ def main() -> int:
     peers.add_source_argument(parser)
     args = parser.parse_args()
     print(peers.use_snapshot(args.source), file=sys.stderr)
+    peers.keep_results(not args.no_write)
     args.no_proxy = not args.proxy
     if args.quick:
         args.requests = 20_000
-    contenders = [c for c in CONTENDERS if not args.only or c[0] in args.only.split(",")]
+    chosen = set(filter(None, args.only.split(",") + args.with_.split(",")))
+    unknown = chosen - {n for n, *_ in CONTENDERS + OPTIONAL}
+    if unknown:
+        parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+    contenders = [
+        c for c in CONTENDERS + OPTIONAL if c[0] in chosen or (not args.only and c in CONTENDERS)
+    ]
 
     keys = zipf_keys(args.requests, args.s, args.v, args.requests, args.seed)
     distinct = len(set(keys))
@@ -667,17 +527,14 @@ def main() -> int:
     keys_file.write_text(json.dumps(keys))
     print(f"{args.requests:,} requests, {distinct:,} distinct keys", file=sys.stderr)
 
-    sys.path.insert(0, str(peers.ROOT))
-    from scripts.services import RedisServer
-
     results: dict[str, dict[str, Any]] = {}
     cpus = os.sched_getaffinity(0)
     pinned = len(cpus & {0, 1}) == 2
     t_start = time.monotonic()
-    with RedisServer() as server:
+    with _redis.server() as server:
         host, port = server.host, server.port
-        redis_v = peers.redis_version(host, port)
-        redis_pid = int(_info(host, port)["process_id"])
+        redis_v = _redis.version(host, port)
+        redis_pid = int(_redis.info(host, port)["process_id"])
         try:
             if pinned:  # Redis (and the proxy) on CPU 1, the contender on CPU 0
                 os.sched_setaffinity(redis_pid, {1})
@@ -692,11 +549,11 @@ def main() -> int:
                     params = {
                         "url": f"redis://{host}:{port}/0",
                         "keys": str(keys_file),
-                        "workers": args.workers,
+                        "workers": CALLERS.get(name, args.workers),
                         "sleep": args.sleep,
                     }
-                    _resp(host, port, "FLUSHALL")
-                    before = _info(host, port)
+                    _redis.flushall(host, port)
+                    before = _redis.info(host, port)
                     print(f"{name} ({venv}) round {round_ + 1} ...", file=sys.stderr, flush=True)
                     if pinned:
                         os.sched_setaffinity(0, {0})
@@ -708,7 +565,7 @@ def main() -> int:
                         continue
                     finally:
                         os.sched_setaffinity(0, cpus)
-                    run["server"] = _delta(before, _info(host, port))
+                    run["server"] = _redis.delta(before, _redis.info(host, port))
                     runs.setdefault(name, []).append(run)
                     print(
                         f"  {run['wall']:.1f} s, loads {run['loads']:,}, "
@@ -717,8 +574,8 @@ def main() -> int:
                     )
                     if args.no_proxy or round_ > 0:
                         continue
-                    _resp(host, port, "FLUSHALL")
-                    with Proxy(host, port) as proxy:
+                    _redis.flushall(host, port)
+                    with _redis.Proxy(host, port) as proxy:
                         if pinned and proxy.proc is not None:
                             os.sched_setaffinity(proxy.proc.pid, {1})
                         params["url"] = f"redis://127.0.0.1:{proxy.port}/0"
@@ -746,7 +603,7 @@ def main() -> int:
             if not args.profile_requests or "error" in results.get(name, {"error": 1}):
                 continue
             print(f"{name} under cProfile ...", file=sys.stderr, flush=True)
-            _resp(host, port, "FLUSHALL")
+            _redis.flushall(host, port)
             params = {
                 "url": f"redis://{host}:{port}/0",
                 "keys": str(keys_file),
@@ -812,7 +669,7 @@ def _report(
             ""
             if args.no_proxy
             else " A second run of each contender through a counting TCP proxy "
-            "(`_resp_proxy.py`) cross-checks the client counts from outside the process "
+            "(`_redis.py`) cross-checks the client counts from outside the process "
             "(table below)."
         )
     )
@@ -826,7 +683,8 @@ def _report(
         srv = e["server"]
         problems = []
         if e.get("errors"):
-            problems.append(f"{e['errors']:,} exceptions ({e['first_error']})")
+            kinds = ", ".join(f"{n:,} {k}" for k, n in (e.get("errors_by_type") or {}).items())
+            problems.append(f"{e['errors']:,} exceptions: {kinds} (first: {e['first_error']})")
         if e.get("wrong"):
             problems.append(f"{e['wrong']:,} wrong values")
         for what, count in (e.get("layer_warnings") or {}).items():
@@ -841,7 +699,12 @@ def _report(
                 f"{e['loads'] / distinct:.2f}",
                 _fmt_int(srv["commands_total"]),
                 _fmt_int(srv["reads"]),
-                _fmt_int(e["client"]["commands"]),
+                _fmt_int(e["client"]["commands"])
+                + (
+                    " (redis-py only: tieredcache's fast-path connection class not found)"
+                    if name.startswith("tieredcache") and not e["client"].get("fast_path")
+                    else ""
+                ),
                 f"{e['client']['commands'] / distinct:.2f}",
                 _fmt_int(e["client"]["bursts"]),
                 _top_commands(e["client"].get("by_name", {})),
@@ -881,7 +744,11 @@ def _report(
         for e in ok.values()
         if "proxy" in e
     ]
-    lines = ["## Zipf, 1,000 concurrent callers (`bench_zipf.py`)\n", header + "\n", table + "\n"]
+    lines = [
+        f"## Zipf, {args.workers:,} concurrent callers (`bench_zipf.py`)\n",
+        header + "\n",
+        table + "\n",
+    ]
     others = {n: e for n, e in ok.items() if not n.startswith("tieredcache")}
     mine = [n for n in ("tieredcache", "tieredcache_redispy") if n in ok]
     if mine:
@@ -917,6 +784,9 @@ def _report(
             + "\n"
         )
         lines.append(_targets({n: ok[n] for n in mine}, others, distinct) + "\n")
+    many = [n for n in CALLERS if n in ok]
+    if many:
+        lines.append(_many_callers_text([ok[n] for n in many], distinct) + "\n")
     counter_rows = [
         [e["label"], ", ".join(f"`{k}` {v}" for k, v in e["library_stats"].items())]
         for n, e in ok.items()
@@ -988,6 +858,40 @@ def _wall(entry: dict[str, Any]) -> str:
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / max(b, 1):.2f}x"
+
+
+def _many_callers_text(entries: list[dict[str, Any]], distinct: int) -> str:
+    """Issue 9 item 12: with default settings, loader calls equal distinct keys at
+    10,000 callers; BackendTimeoutErrors raised to callers or logged by the layers."""
+    rows = []
+    for e in entries:
+        raised = (e.get("errors_by_type") or {}).get("BackendTimeoutError", 0)
+        logged = (e.get("logged_by_type") or {}).get("BackendTimeoutError", 0)
+        stats = e.get("library_stats") or {}
+        rows.append(
+            [
+                e["label"],
+                f"{e['loads']:,} vs {distinct:,}",
+                "met" if e["loads"] == distinct else "**missed**",
+                f"{raised:,}",
+                f"{logged:,}",
+                _fmt_int(stats.get("redis.errors", "-")),
+                _fmt_int(stats.get("loader.lock_waits", "-")),
+            ]
+        )
+    table = peers.markdown_table(
+        [
+            "run",
+            "loader calls vs distinct keys",
+            "status",
+            "BackendTimeoutError raised",
+            "BackendTimeoutError logged",
+            "`redis.errors`",
+            "`loader.lock_waits`",
+        ],
+        rows,
+    )
+    return "Many callers (target: loader calls == distinct keys, default settings):\n\n" + table
 
 
 def _targets(

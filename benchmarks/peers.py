@@ -40,7 +40,7 @@ RESULT_MARK = "@@RESULT@@ "
 # venv name -> pip requirements (unpinned: the newest release is what we compare against).
 PEERS: dict[str, list[str]] = {
     "theine": ["theine"],
-    "dogpile": ["dogpile.cache"],
+    "dogpile": ["dogpile.cache", "redis", "hiredis"],
     "cashews": ["cashews[redis]", "hiredis"],
     "aiocache": ["aiocache[redis]", "hiredis"],
     "cacheme": ["cacheme[redis]", "hiredis"],
@@ -50,7 +50,7 @@ PEERS: dict[str, list[str]] = {
 DISTRIBUTIONS: dict[str, list[str]] = {
     "project": ["tieredcache", "redis", "hiredis", "cachetools", "msgspec"],
     "theine": ["theine", "theine-core"],
-    "dogpile": ["dogpile.cache"],
+    "dogpile": ["dogpile.cache", "redis", "hiredis"],
     "cashews": ["cashews", "redis", "hiredis"],
     "aiocache": ["aiocache", "redis", "hiredis"],
     "cacheme": ["cacheme", "redis", "hiredis", "theine", "theine-core"],
@@ -63,59 +63,83 @@ class PeerError(RuntimeError):
 
 
 # The library is edited while benchmarks run: every "project" child imports one copy of
-# it, taken when the benchmark starts (see use_snapshot), so a run never mixes versions.
-_SNAPSHOT: dict[str, str] = {}
+# it, taken when the benchmark starts (see snapshot), so a run never mixes versions.
+# source -> {"path": the copy's directory (put first on PYTHONPATH), "desc": for reports}
+_SNAPSHOTS: dict[str, dict[str, str]] = {}
+_DEFAULT: dict[str, str] = {}
 
 
-def use_snapshot(source: str = "worktree") -> str:
-    """Copy ``tieredcache/`` (working tree, or ``git HEAD``) for the children to import.
+def snapshot(source: str = "worktree") -> dict[str, str]:
+    """Copy a tieredcache source tree's ``tieredcache/`` for the children to import.
 
-    With ``worktree``, a copy that does not import (the library is mid-edit) falls back
-    to HEAD, and the description says so. Returns that description.
+    ``source``: ``worktree`` (this repository's working tree), ``head`` (its last
+    commit) or the path of any source tree (a directory holding ``tieredcache/``,
+    e.g. a git worktree of another branch or a frozen checkout). A working tree or
+    path whose copy does not import (the library is mid-edit) falls back to its
+    HEAD, and the description says so. Taken once per source and run.
     """
+    root = ROOT if source in ("worktree", "head") else Path(source).expanduser().resolve()
+    use_head = source == "head"
+    key = f"head:{root}" if use_head else str(root)
+    if key in _SNAPSHOTS:
+        return _SNAPSHOTS[key]
+    if not (root / "tieredcache" / "__init__.py").is_file():
+        raise PeerError(f"{root} is not a tieredcache source tree (no tieredcache/__init__.py)")
     snap = Path(tempfile.mkdtemp(prefix="tieredcache-bench-src-"))
     atexit.register(shutil.rmtree, snap, True)
+    where = "" if root == ROOT else f" in {root}"
     note = ""
-    if source == "worktree":
+    if not use_head:
         shutil.copytree(
-            ROOT / "tieredcache",
+            root / "tieredcache",
             snap / "tieredcache",
             ignore=shutil.ignore_patterns("__pycache__"),
         )
         error = _import_error(snap)
         if error is None:
-            _SNAPSHOT.update(path=str(snap), desc=tree_state() + " (working tree)")
-            return _SNAPSHOT["desc"]
+            entry = {"path": str(snap), "desc": tree_state(root) + f" (working tree{where})"}
+            _SNAPSHOTS[key] = entry
+            return entry
         shutil.rmtree(snap / "tieredcache")
         note = f"; the working tree did not import ({error}), so HEAD was measured"
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "HEAD", "tieredcache"], capture_output=True, check=True
+        ["git", "-C", str(root), "archive", "HEAD", "tieredcache"], capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(snap)], input=archive.stdout, check=True)
     error = _import_error(snap)
     if error is not None:
-        raise PeerError(f"tieredcache at HEAD does not import either: {error}")
-    _SNAPSHOT.update(path=str(snap), desc=f"tieredcache at {_head()} (committed){note}")
-    return _SNAPSHOT["desc"]
+        raise PeerError(f"tieredcache at HEAD{where} does not import either: {error}")
+    entry = {"path": str(snap), "desc": f"tieredcache at {_head(root)} (committed{where}){note}"}
+    _SNAPSHOTS[key] = entry
+    return entry
+
+
+def use_snapshot(source: str = "worktree") -> str:
+    """Take :func:`snapshot` of ``source`` and make it what "project" children import
+    unless :func:`measure` is given another source. Returns its description."""
+    _DEFAULT.update(snapshot(source))
+    return _DEFAULT["desc"]
 
 
 def _import_error(path: Path) -> str | None:
     done = subprocess.run(
-        [str(_venv_python(PROJECT_VENV)), "-c", "import tieredcache"],
+        [str(_venv_python(PROJECT_VENV)), "-c", "import tieredcache; print(tieredcache.__file__)"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(path)},
         cwd=path,  # `-c` puts the current directory first on sys.path
         check=False,
     )
-    if done.returncode == 0:
-        return None
-    return (done.stderr.strip().splitlines() or ["?"])[-1][:160]
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["?"])[-1][:160]
+    if not done.stdout.strip().startswith(str(path)):  # the editable install won
+        return f"the copy is shadowed: tieredcache imported from {done.stdout.strip()}"
+    return None
 
 
-def _head() -> str:
+def _head(root: Path = ROOT) -> str:
     return subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,
@@ -213,20 +237,28 @@ def measure(
     *,
     timeout: float = 600.0,
     env: Mapping[str, str] | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Run ``<venv python> <script> --child <contender> <json params>``; return its JSON.
 
     The child prints its result as one line starting with :data:`RESULT_MARK`
-    (see :func:`child_main`); anything else it prints is kept for the error.
+    (see :func:`child_main`); anything else it prints is kept for the error. A
+    "project" child imports the :func:`snapshot` of ``source`` (default: the one
+    :func:`use_snapshot` chose), and the parent checks that it did.
     """
     python = ensure_venv(venv)
     cmd = [str(python), str(script), "--child", contender, json.dumps(dict(params or {}))]
     child_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
     child_env.pop("PYTHONPATH", None)
+    copy = ""
     if venv == "project":
-        if not _SNAPSHOT:
-            use_snapshot()
-        child_env["PYTHONPATH"] = _SNAPSHOT["path"]
+        if source is not None:
+            copy = snapshot(source)["path"]
+        else:
+            if not _DEFAULT:
+                use_snapshot()
+            copy = _DEFAULT["path"]
+        child_env["PYTHONPATH"] = copy  # ahead of the editable install's .pth entry
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, check=False, env=child_env
@@ -238,6 +270,9 @@ def measure(
             result: dict[str, Any] = json.loads(line[len(RESULT_MARK) :])
             if "error" in result:
                 raise PeerError(f"{contender} ({venv}): {result['error']}")
+            imported = result.get("tieredcache_file")
+            if copy and imported and not imported.startswith(copy):
+                raise PeerError(f"{contender}: imported {imported}, not the copy in {copy}")
             return result
     tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
     raise PeerError(f"{contender} ({venv}) exited {done.returncode} without a result:\n{tail}")
@@ -259,6 +294,8 @@ def child_main(contenders: Mapping[str, Any]) -> bool:
 
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
+    if "tieredcache" in sys.modules and isinstance(result, dict):
+        result["tieredcache_file"] = getattr(sys.modules["tieredcache"], "__file__", None)
     print(RESULT_MARK + json.dumps(result), flush=True)
     return True
 
@@ -274,7 +311,7 @@ def machine() -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
-        "tree": _SNAPSHOT.get("desc") or tree_state(),
+        "tree": _DEFAULT.get("desc") or tree_state(),
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -283,12 +320,22 @@ def machine() -> dict[str, str]:
     }
 
 
-def tree_state() -> str:
-    """The commit checked out, and whether the library had uncommitted changes."""
+def tree_state(root: Path = ROOT) -> str:
+    """The commit checked out in ``root``, and whether its library had uncommitted changes."""
     try:
-        sha = _head()
+        sha = _head(root)
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "tieredcache"],
+            # --no-optional-locks: a read-only look that never rewrites the index.
+            [
+                "git",
+                "--no-optional-locks",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--",
+                "tieredcache",
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -301,27 +348,12 @@ def tree_state() -> str:
 def add_source_argument(parser: Any) -> None:
     parser.add_argument(
         "--source",
-        choices=["worktree", "head"],
         default="worktree",
-        help="measure a copy of the working tree (default; HEAD if it does not import) or HEAD",
+        metavar="worktree|head|PATH",
+        help="the tieredcache to measure: a copy of this working tree (default; its HEAD "
+        "if it does not import), its HEAD, or the root of any tieredcache source tree "
+        "(e.g. /work/before)",
     )
-
-
-def redis_version(host: str, port: int) -> str:
-    import socket
-
-    with socket.create_connection((host, port), timeout=2) as sock:
-        sock.sendall(b"INFO server\r\n")
-        data = b""
-        while b"redis_version" not in data or not data.endswith(b"\r\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    for line in data.decode(errors="replace").splitlines():
-        if line.startswith("redis_version:"):
-            return line.split(":", 1)[1]
-    return "unknown"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -356,6 +388,18 @@ _RESULTS_INTRO = (
 )
 
 
+# Where plots go instead of benchmarks/ when the run does not write results (--no-write).
+_PLOTS_ELSEWHERE: list[Path] = []
+
+
+def keep_results(write: bool) -> None:
+    """``write=False`` (a ``--no-write`` run) sends the plots to a temporary directory,
+    so a smoke run leaves the recorded PNGs next to RESULTS.md alone."""
+    _PLOTS_ELSEWHERE.clear()
+    if not write:
+        _PLOTS_ELSEWHERE.append(Path(tempfile.mkdtemp(prefix="tieredcache-bench-plots-")))
+
+
 def plot(spec: Mapping[str, Any], out: Path) -> str | None:
     """Draw a bar chart in the ``plot`` venv (matplotlib stays out of the project venv).
 
@@ -366,6 +410,9 @@ def plot(spec: Mapping[str, Any], out: Path) -> str | None:
         python = ensure_venv("plot")
     except PeerError as exc:
         return str(exc)
+    if _PLOTS_ELSEWHERE:
+        out = _PLOTS_ELSEWHERE[0] / out.name
+        print(f"plot (not kept: --no-write): {out}", file=sys.stderr)
     done = subprocess.run(
         [str(python), str(HERE / "_plot.py"), str(out)],
         input=json.dumps(spec),
