@@ -146,14 +146,20 @@ class FunctionKeyBuilder:
     ``f(x=1)`` and ``f(1, flag=False)`` (when ``flag`` defaults to False) share
     one key. ``ignore`` names parameters left out of the key (``self``/``cls``
     are left out by default when they come first).
+
+    ``key`` (``cached(key=...)``) gives the body from the arguments instead; a
+    ``version`` other than 1 is appended to it (``product:42@v2``), so a version
+    bump never reads entries of the old shape, with or without ``key=``.
     """
 
     __slots__ = (
         "_ignore",
         "_ignored_positions",
+        "_key",
         "_positional_count",
         "_prefix",
         "_signature",
+        "_version_suffix",
         "function_name",
         "tenant_param",
     )
@@ -166,8 +172,12 @@ class FunctionKeyBuilder:
         version: int | str,
         ignore: Iterable[str] = (),
         tenant_param: str | None = None,
+        key: Callable[..., str] | None = None,
     ) -> None:
         self.function_name = name
+        self._key = key
+        # Version 1 leaves a key= body as given (the documented body of existing keys).
+        self._version_suffix = "" if str(version) == "1" else f"@v{version}"
         try:
             self._signature = inspect.signature(func)
         except (TypeError, ValueError) as exc:
@@ -217,11 +227,22 @@ class FunctionKeyBuilder:
         return None if value is None else validate_tenant(value)
 
     def body_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
-        """The key body for a call's arguments (see :meth:`body`)."""
+        """The key body for a call's arguments (see :meth:`body`), or the ``key=``
+        function's body with the version (see :meth:`custom_body`)."""
+        if self._key is not None:
+            return self.custom_body(self._key(*args, **kwargs))
         if not kwargs and len(args) == self._positional_count:
             skip = self._ignored_positions
             return self._encode([a for i, a in enumerate(args) if i not in skip] if skip else args)
         return self.body(self.bind(args, kwargs))
+
+    def custom_body(self, body: str) -> str:
+        """A ``key=`` function's ``body`` with this function's version (unchanged at 1)."""
+        if not isinstance(body, str):
+            raise InvalidKeyError(
+                f"the key= function of {self.function_name} returned {type(body).__name__}, not str"
+            )
+        return body + self._version_suffix if self._version_suffix else body
 
     def body(self, bound: inspect.BoundArguments) -> str:
         """The key body ``name:vVERSION:ARGS`` for bound arguments."""
@@ -242,7 +263,10 @@ class FunctionKeyBuilder:
             return f"{self._prefix}:{readable}"
         try:
             encoded = _encoder.encode(list(values))
-        except TypeError as exc:
+        except (TypeError, OverflowError, RecursionError) as exc:
+            # msgpack holds ints of -2**63..2**64-1 only (OverflowError beyond), and a
+            # structure nested too deep raises RecursionError: an argument the key
+            # cannot hold, like an unencodable type.
             raise InvalidKeyError(
                 f"cannot build a key for {self.function_name}: {exc}; pass key=... to "
                 "cached() or ignore=... for that parameter"

@@ -144,12 +144,20 @@ class Metrics:
         self._lock = threading.Lock()
 
     def counters(self, function: str, tenant: str) -> list[int]:
-        """The counter list of (function, tenant); cache it per function for the hot path."""
+        """The counter list of (function, tenant); cache it per function for the hot path.
+
+        Past ``max_tenants`` tenants, further tenants share the ``"__other__"`` list
+        and are remembered nowhere here: every structure of this registry stays within
+        ``max_tenants + 1`` entries per function however many tenant ids arrive."""
         per_tenant = self._by_function.get(function)
         if per_tenant is not None:
             found = per_tenant.get(tenant)
             if found is not None:
                 return found
+            if len(self._tenants) >= self.max_tenants and tenant not in self._tenants:
+                found = per_tenant.get(OTHER_TENANTS)
+                if found is not None:  # past the cap: the shared list, no lock taken
+                    return found
         with self._lock:
             per_tenant = self._by_function.setdefault(function, {})
             label = tenant
@@ -161,9 +169,6 @@ class Metrics:
             counters = per_tenant.get(label)
             if counters is None:
                 counters = per_tenant[label] = [0] * self.width
-            if label != tenant:
-                # Remember the mapping so the next lookup for this tenant is one dict hit.
-                per_tenant[tenant] = counters
             return counters
 
     def histogram(self, layer: str, function: str, operation: str) -> Histogram:
@@ -177,13 +182,7 @@ class Metrics:
     def rows(self) -> Iterator[tuple[str, str, list[int]]]:
         """(function, tenant label, counters), each label once."""
         for function, per_tenant in list(self._by_function.items()):
-            seen: set[int] = set()
-            for tenant, counters in list(per_tenant.items()):
-                if id(counters) in seen:
-                    continue
-                seen.add(id(counters))
-                label = tenant if tenant in self._tenants else OTHER_TENANTS
-                yield function, label, counters
+            yield from ((function, label, counters) for label, counters in list(per_tenant.items()))
 
     def latency_items(self) -> list[tuple[tuple[str, str, str], Histogram]]:
         return list(self._latency.items())

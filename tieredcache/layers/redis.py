@@ -173,6 +173,7 @@ class RedisLayer:
                         keyspace=self.keyspace,
                         layer=self.name,
                         gen_px=int(self.lease_ttl * 1000),
+                        lock_window=self._lock_window(),
                     )
                 store = self._sync_store
         return store
@@ -203,7 +204,16 @@ class RedisLayer:
             keyspace=self.keyspace,
             layer=self.name,
             gen_px=int(self.lease_ttl * 1000),
+            lock_window=self._lock_window(),
         )
+
+    def _lock_window(self) -> float:
+        """How long after a lock attempt's call Redis may still take the lock: a command
+        waits up to connect_timeout to be written, then socket_timeout for its reply.
+        Later, its caller has given up on it, and a lock taken then would be held for
+        no one for the whole lock_ttl (see LOCK_DEADLINE_LUA in the store)."""
+        socket_timeout, connect_timeout = self._timeouts
+        return socket_timeout + connect_timeout
 
     # -- leases and TTLs -----------------------------------------------------
     def _px(self, entry: Entry) -> int:
@@ -236,8 +246,10 @@ class RedisLayer:
 
     def acquire_fill_lock(
         self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
-    ) -> tuple[bool, RedisLease]:
-        """Take the per-key fill lock (SET NX PX) and the fill's lease in one round trip."""
+    ) -> tuple[bool | None, RedisLease]:
+        """Take the per-key fill lock (SET NX PX) and the fill's lease in one round trip.
+        Taken: True; held by another: False; None: Redis ran the attempt too late, after
+        a stall (the lock is then not taken: load without it, nobody waits for it)."""
         taken_at = self.timer()
         got, gens = self.sync_store().lock(key, tags, token, int(ttl * 1000))
         return got, (gens, taken_at)
@@ -246,7 +258,9 @@ class RedisLayer:
         self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
     ) -> tuple[bytes | None, bool | None, RedisLease | None]:
         """GET, and if the key is absent take its fill lock and lease in the same
-        round trip -> (value, taken, lease); taken and lease are None on a hit."""
+        round trip -> (value, taken, lease); taken and lease are None on a hit, and
+        taken is None on a miss whose lock attempt Redis ran too late (as
+        :meth:`acquire_fill_lock`)."""
         return self.sync_store().get_or_lock(key, tags, token, int(ttl * 1000), self.timer())
 
     def release_fill_lock(self, key: CacheKey, token: str) -> bool:
@@ -313,7 +327,7 @@ class RedisLayer:
 
     async def aacquire_fill_lock(
         self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
-    ) -> tuple[bool, RedisLease]:
+    ) -> tuple[bool | None, RedisLease]:
         taken_at = self.timer()
         got, gens = await self.async_store().lock(key, tags, token, int(ttl * 1000))
         return got, (gens, taken_at)

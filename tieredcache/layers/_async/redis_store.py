@@ -11,6 +11,8 @@ them run on Redis Cluster.
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,24 +88,57 @@ return 1
 """
 )
 
+# Fill locks are taken only before the caller's deadline (ARGV[3], ms on the server
+# clock, see AsyncRedisStore.deadline): a script that sat in a stalled server's
+# input buffer runs after its caller gave up on the reply, and a lock it took then
+# would be held for no one for the lock's whole PX, with other processes waiting
+# for it. Too late, the lock is not taken and the reply says so (2), with the
+# server time (ms) the caller calibrates its deadlines with.
+LOCK_DEADLINE_LUA = """
+local function lock(name)
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if ms > tonumber(ARGV[3]) then return 2, ms end
+  return redis.call('SET', name, ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0, ms
+end
+"""
+
 # Take the fill lock and, in the same round trip, the generations that make up the
-# lease of the fill that follows. KEYS: lock, key-gen, tag-gen x n   ARGV: token, px
-LOCK_LUA = """
-local out = {redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
-for i = 2, #KEYS do out[i] = redis.call('GET', KEYS[i]) or false end
+# lease of the fill that follows. KEYS: lock, key-gen, tag-gen x n
+# ARGV: token, px, deadline   reply: {taken (1, 0, 2 = too late), server ms, gens...}
+LOCK_LUA = (
+    LOCK_DEADLINE_LUA
+    + """
+local taken, ms = lock(KEYS[1])
+local out = {taken, ms}
+for i = 2, #KEYS do out[i + 1] = redis.call('GET', KEYS[i]) or false end
 return out
 """
+)
 
 # A read that, when the key is absent, also takes the fill lock and the lease (as
 # LOCK_LUA) in the same round trip; a present value is returned alone, lock-free.
-# KEYS: value, lock, key-gen, tag-gen x n   ARGV: token, px
-GET_OR_LOCK_LUA = """
-local value = redis.call('GET', KEYS[1])
+# A value name holding another type (someone's LPUSH) would fail every read with
+# WRONGTYPE, forever: it is deleted here and read as an empty, undecodable entry,
+# which callers count as one error and a miss, like any corrupt entry.
+# KEYS: value, lock, key-gen, tag-gen x n   ARGV: token, px, deadline
+# reply: {value} or {false, taken (1, 0, 2 = too late), server ms, gens...}
+GET_OR_LOCK_LUA = (
+    LOCK_DEADLINE_LUA
+    + """
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' then
+  if not string.find(value.err, 'WRONGTYPE', 1, true) then return value end
+  redis.call('DEL', KEYS[1])
+  return {''}
+end
 if value then return {value} end
-local out = {false, redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
-for i = 3, #KEYS do out[i] = redis.call('GET', KEYS[i]) or false end
+local taken, ms = lock(KEYS[2])
+local out = {false, taken, ms}
+for i = 3, #KEYS do out[i + 1] = redis.call('GET', KEYS[i]) or false end
 return out
 """
+)
 
 # Invalidate keys of one slot: drop values and their tag memberships, bump generations.
 # KEYS: value x n, key-gen x n, key-tags x n   ARGV: n, gen px
@@ -183,15 +218,53 @@ def translate(layer: str, operation: str, exc: BaseException) -> BackendError:
 
 
 ERRORS = (redis.exceptions.RedisError, OSError)
+# What a read returns for a value name of another Redis type: an entry too short to
+# decode, so it is counted as one error, deleted and read as a miss (GET_OR_LOCK_LUA
+# deletes it itself, in the same script). Such a name would otherwise fail every
+# read with WRONGTYPE and keep the breaker open.
+WRONG_TYPE_VALUE = b""
+# Unanswered lock attempts remembered for release, and released per lock call.
+UNANSWERED_MAX = 4096
+UNANSWERED_BATCH = 16
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 class AsyncRedisStore:
     """The Redis commands of the layer on one redis-py client (standalone or cluster)."""
 
     def __init__(
-        self, client: Any, *, cluster: bool, keyspace: RedisKeyspace, layer: str, gen_px: int
+        self,
+        client: Any,
+        *,
+        cluster: bool,
+        keyspace: RedisKeyspace,
+        layer: str,
+        gen_px: int,
+        lock_window: float = 0.5,
     ) -> None:
         self.client = client
+        # How long after a lock attempt's call its script may still take the lock: the
+        # longest a command waits here before it is written (a connection being set up)
+        # plus how long its reply is waited for. A script run later took a lock nobody
+        # would learn of (the reply's deadline has passed), so it takes none.
+        self.lock_window_ms = lock_window * 1000
+        # Server clock (Redis TIME, ms) minus this process's monotonic clock (ms), as
+        # an upper bound: each lock reply gives one (server time when the script ran
+        # minus the time of the call, >= the true offset), and the lowest is kept.
+        # It starts as if the wall clocks agreed; a lock refused as too late whose
+        # reply still arrived (the estimate was low: a clock stepped, a failover)
+        # resets it to that reply's measure.
+        self.clock_offset_ms = (time.time() - time.monotonic()) * 1000
+        # Lock attempts whose reply never came (timeout, lost connection), as (when to
+        # release, key, token): one that ran in time took the lock for no one. Each is
+        # released once its deadline is well past (a script still queued then takes
+        # nothing), by the next lock attempt that gets a reply.
+        self.unanswered: collections.deque[tuple[float, CacheKey, str]] = collections.deque(
+            maxlen=UNANSWERED_MAX
+        )
         self.cluster = cluster
         self.keyspace = keyspace
         self.layer = layer
@@ -205,12 +278,54 @@ class AsyncRedisStore:
         self._get_or_lock = client.register_script(GET_OR_LOCK_LUA)
 
     async def get(self, key: CacheKey) -> bytes | None:
-        """A plain GET: a hit costs what a raw GET costs."""
+        """A plain GET: a hit costs what a raw GET costs. A value name of another type
+        reads as :data:`WRONG_TYPE_VALUE`; the cache drops it as it drops any entry
+        that does not decode (counted as one error, deleted, reloaded)."""
         try:
             value: bytes | None = await self.client.get(self.keyspace.value(key))
         except ERRORS as exc:
+            if _wrong_type(exc):
+                return WRONG_TYPE_VALUE
             raise translate(self.layer, "get", exc) from exc
         return value
+
+    def deadline(self) -> tuple[float, int]:
+        """(now, the last server time in ms at which a lock attempt made now may
+        still take the lock): ``lock_window`` later, on the server clock as calibrated
+        from earlier replies (monotonic ms for ``now``)."""
+        now = time.monotonic() * 1000
+        return now, int(now + self.clock_offset_ms + self.lock_window_ms)
+
+    def _unanswered(self, key: CacheKey, token: str, sent_ms: float) -> None:
+        # Twice the window: past the deadline as the server reckons it, whatever the
+        # error of the calibrated offset (a script queued behind the release is late).
+        self.unanswered.append((sent_ms + 2 * self.lock_window_ms, key, token))
+
+    async def release_unanswered(self, now_ms: float) -> None:
+        """Release (compare-and-delete) up to UNANSWERED_BATCH fill locks of attempts
+        that got no reply and whose deadline has passed. Best effort: a failure leaves
+        them for the next call (Redis is still away)."""
+        unanswered = self.unanswered
+        for _ in range(UNANSWERED_BATCH):
+            if not unanswered or unanswered[0][0] > now_ms:
+                return
+            _, key, token = unanswered[0]
+            try:
+                await self.release_lock(key, token)
+            except BackendError:
+                return
+            unanswered.popleft()
+
+    def _taken(self, flag: int, server_ms: int, sent_ms: float) -> bool | None:
+        """The lock verdict of a script reply: True, False (held by another), or None
+        (refused as too late although this reply arrived: load without the lock)."""
+        measured = server_ms - sent_ms
+        if flag == 2:
+            self.clock_offset_ms = measured
+            return None
+        if measured < self.clock_offset_ms:
+            self.clock_offset_ms = measured
+        return flag == 1
 
     async def get_many(self, keys: Sequence[CacheKey]) -> list[bytes | None]:
         if not keys:
@@ -238,36 +353,46 @@ class AsyncRedisStore:
 
     async def lock(
         self, key: CacheKey, tags: Sequence[Tag], token: str, px: int
-    ) -> tuple[bool, tuple[bytes | None, ...]]:
-        """Try the fill lock; returns whether it was taken and the fill's generations."""
+    ) -> tuple[bool | None, tuple[bytes | None, ...]]:
+        """Try the fill lock; returns whether it was taken (None: refused as too late,
+        see LOCK_DEADLINE_LUA) and the fill's generations."""
         slot = self.keyspace.slot_of(key)
         _, tag_gens = self.keyspace.tag_names_in(slot, tags)
         names = [f"{slot}:l:{key.body}", f"{slot}:gk:{key.body}", *tag_gens]
+        sent, deadline = self.deadline()
         try:
-            result = await self._lock(keys=names, args=[token, px])
+            result = await self._lock(keys=names, args=[token, px, deadline])
         except ERRORS as exc:
+            self._unanswered(key, token, sent)
             raise translate(self.layer, "lock", exc) from exc
-        gens = tuple(result[1:]) + (None,) * (len(names) - len(result))
-        return bool(result[0]), gens
+        if self.unanswered:
+            await self.release_unanswered(sent)
+        gens = tuple(result[2:]) + (None,) * (len(names) + 1 - len(result))
+        return self._taken(result[0], result[1], sent), gens
 
     async def get_or_lock(
         self, key: CacheKey, tags: Sequence[Tag], token: str, px: int, taken_at: float
     ) -> tuple[bytes | None, bool | None, tuple[tuple[bytes | None, ...], float] | None]:
         """(value, None, None) if present, else (None, lock taken, lease): the lease is
         the fill's generations and ``taken_at`` (the layer's lease, built here so that
-        the layer's method needs no coroutine of its own)."""
+        the layer's method needs no coroutine of its own). ``taken`` is None when the
+        script ran too late to take the lock (see LOCK_DEADLINE_LUA)."""
         slot = self.keyspace.slot_of(key)
         _, tag_gens = self.keyspace.tag_names_in(slot, tags)
         names = [f"{slot}:v:{key.body}", f"{slot}:l:{key.body}", f"{slot}:gk:{key.body}"]
         names.extend(tag_gens)
+        sent, deadline = self.deadline()
         try:
-            result = await self._get_or_lock(keys=names, args=[token, px])
+            result = await self._get_or_lock(keys=names, args=[token, px, deadline])
         except ERRORS as exc:
+            self._unanswered(key, token, sent)
             raise translate(self.layer, "get", exc) from exc
+        if self.unanswered:
+            await self.release_unanswered(sent)
         if result[0] is not None:
             return result[0], None, None
-        gens = tuple(result[2:]) + (None,) * (len(names) - len(result))
-        return None, bool(result[1]), (gens, taken_at)
+        gens = tuple(result[3:]) + (None,) * (len(names) + 1 - len(result))
+        return None, self._taken(result[1], result[2], sent), (gens, taken_at)
 
     async def set(
         self,
