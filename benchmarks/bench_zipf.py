@@ -136,7 +136,7 @@ def _count_fast_path(counts: dict[str, Any], name_of: Callable[[Any], str]) -> N
     """tieredcache's fast path writes on sockets of its own: count its commands and
     its socket writes the same way (a no-op in the peers' venvs)."""
     try:
-        from tieredcache.layers.multiplex import MultiplexedConnection
+        from tieredcache.layers.redis.wire.multiplex import MultiplexedConnection
     except ImportError:
         return
     by_name: dict[str, int] = counts["by_name"]

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
-from tieredcache.stampede import AsyncSingleFlight, SingleFlight
+from tieredcache._engine._singleflight import AsyncSingleFlight, SingleFlight
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -288,11 +288,11 @@ async def test_a_broadcast_invalidation_detaches_the_loads_in_flight(redis_url: 
     with tenant_scope("acme"):
         load = asyncio.create_task(item(1))
         key = item.key(1)
-        while not here.async_singleflight.in_flight(key.full):
+        while not here._stack.async_flights.in_flight(key.full):
             await asyncio.sleep(0.001)
         await there.ainvalidate([key])  # another replica
         deadline = time.monotonic() + 5
-        while here.async_singleflight.in_flight(key.full):
+        while here._stack.async_flights.in_flight(key.full):
             assert time.monotonic() < deadline, "the broadcast never detached the load"
             await asyncio.sleep(0.005)
         release.set()

@@ -67,6 +67,13 @@ class CircuitBreaker:
             self._probing = True  # exactly one probe while half-open
             return True
 
+    def abandon(self) -> None:
+        """A call that was allowed ended with no verdict (cancelled, or a non-backend
+        error): if it was the half-open probe, let the next call probe instead."""
+        if self._probing:
+            with self._lock:
+                self._probing = False
+
     def success(self) -> None:
         if self._opened_at is None and not self._failures:
             return
