@@ -8,6 +8,10 @@ Decimal('1.00')``, ``P(1) == P(1.0)`` for a dataclass, ``(1,) == (1.0,)``; and
 ``1 == 1.0 == True``, which the argument types in the alias tell apart. So a
 call gets an alias only when every argument in it is of a type whose equality
 implies equal keys; any other call is looked up by its key, which is exact.
+The hit path builds the alias without looking (that check would cost a good
+part of a hit); entries are only ever *stored* under an alias that passed
+:func:`aliasable`, and an alias of other arguments can never equal one of
+those (the types in the alias would differ, or the float would be a zero).
 
 Arguments left out of the key (``ignore=``, a method's ``self``) are left out
 of the alias too: an alias lives as long as its entry and must not keep them.
@@ -18,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-__all__ = ["ALIASABLE", "make_alias"]
+__all__ = ["ALIASABLE", "aliasable", "make_alias"]
 
 # Types whose equal values always make equal keys (floats: all but the zeros).
 ALIASABLE = frozenset({int, str, bytes, bool, type(None)})
@@ -27,6 +31,11 @@ ALIASABLE = frozenset({int, str, bytes, bool, type(None)})
 def _aliasable(value: Any) -> bool:
     kind = type(value)
     return kind in ALIASABLE or (kind is float and value != 0.0)
+
+
+def aliasable(args: tuple[Any, ...]) -> bool:
+    """Whether positional ``args`` may be stored under an alias."""
+    return all(map(_aliasable, args))
 
 
 def make_alias(

@@ -27,7 +27,7 @@ from ..keys import CacheKey, FunctionKeyBuilder, Tag, make_tags
 from ..metrics import FIELDS, HIT
 from ..policy import Policy
 from ..tenancy import get_tenant_var, tenant_scope, validate_tenant
-from ._alias import make_alias
+from ._alias import aliasable, make_alias
 
 __all__ = ["CachedImpl", "cached_impl"]
 
@@ -74,11 +74,14 @@ class CachedImpl:
             func, name=self.name, version=version, ignore=ignore, tenant_param=tenant_param
         )
         self.tenant_param = self.builder.tenant_param
-        # Arguments left out of the key are left out of the hit path's alias too.
+        # Arguments left out of the key are left out of the hit path's alias too (not
+        # the tenant parameter: a string, and part of every alias anyway).
+        tenant_names = {self.tenant_param} if self.tenant_param else set()
         self.alias_dropped: tuple[frozenset[int], frozenset[str]] = (
-            self.builder._ignored_positions,
-            self.builder._ignore,
+            frozenset(i for i in self.builder._ignored_positions if i != self._tenant_position()),
+            frozenset(self.builder._ignore - tenant_names),
         )
+        self.alias_plain = not any(self.alias_dropped)
         params = list(inspect.signature(func).parameters.values())
         self.tenant_index = next(
             (
@@ -101,6 +104,10 @@ class CachedImpl:
         self._max_counters = stack.metrics.max_tenants + 1
         self.hit_index = stack.storage[0].index * FIELDS + HIT
         self.wrapper: Any = None  # set by attach()
+
+    def _tenant_position(self) -> int | None:
+        params = list(inspect.signature(self.func).parameters)
+        return params.index(self.tenant_param) if self.tenant_param in params else None
 
     def hit_lookup(self) -> tuple[Callable[[Hashable], Any], Callable[[Hashable], None]]:
         """The hit path's lookup and recency note (an always-missing lookup without an
@@ -176,6 +183,8 @@ class CachedImpl:
         kwargs: dict[str, Any],
         loader: Callable[[], Any] | None = None,
     ) -> ReadRequest:
+        if alias is not None and self.alias_plain and not kwargs and not aliasable(args):
+            alias = None  # stored by key alone (see tieredcache._function._alias)
         return ReadRequest(
             self.stack,
             self.cache_key(tenant, args, kwargs),

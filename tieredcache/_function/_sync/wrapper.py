@@ -22,7 +22,7 @@ from ..._engine._sync.read import read, refresh
 from ..._engine.request import xfetch_due
 from ...errors import TenantRequiredError
 from ...tenancy import get_tenant_var
-from .._alias import ALIASABLE, make_alias
+from .._alias import make_alias
 
 if TYPE_CHECKING:
     from ..impl import CachedImpl
@@ -69,7 +69,7 @@ def wrap(impl: CachedImpl) -> Any:
     resolve_tenant = impl.tenant if impl.tenant_param is not None else None
     name = impl.name
     dropped, dropped_names = impl.alias_dropped
-    plain = not dropped and not dropped_names
+    plain = impl.alias_plain
     near_expiry_ = functools.partial(near_expiry, impl)
     miss_ = functools.partial(miss, impl)
 
@@ -81,25 +81,21 @@ def wrap(impl: CachedImpl) -> Any:
         else:
             tenant = resolve_tenant(args, kwargs)
         # Argument types are part of the alias: 1, 1.0 and True are equal in Python
-        # but are different calls (and different keys) here. Other types may not
-        # have an alias at all (see tieredcache._function._alias).
+        # but are different calls (and different keys) here. Whether the arguments
+        # may have an alias at all is checked when an entry is stored under one (see
+        # tieredcache._function._alias): a lookup never finds another call's entry.
         if kwargs or not plain:
             alias = make_alias(alias_id, tenant, args, kwargs, dropped, dropped_names)
+            if alias is None:
+                return miss_(tenant, None, args, kwargs)
         elif len(args) == 1:
-            kind = type(args[0])
-            if kind in ALIASABLE:
-                alias = (alias_id, tenant, args, kind)
-            else:
-                alias = make_alias(alias_id, tenant, args, kwargs)
+            alias = (alias_id, tenant, args, type(args[0]))
         else:
-            kinds = tuple(map(type, args))
-            if ALIASABLE.issuperset(kinds):
-                alias = (alias_id, tenant, args, *kinds)
-            else:
-                alias = make_alias(alias_id, tenant, args, kwargs)
-        if alias is None:
+            alias = (alias_id, tenant, args, *map(type, args))
+        try:
+            slot = fast_get(alias)
+        except TypeError:  # unhashable arguments: looked up by their key
             return miss_(tenant, None, args, kwargs)
-        slot = fast_get(alias)
         if slot is None:
             return miss_(tenant, alias, args, kwargs)
         if clock() < slot.refresh_at:
