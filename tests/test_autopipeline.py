@@ -20,8 +20,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
-from tieredcache.layers.autopipeline import AutoPipeline
-from tieredcache.layers.multiplex import MultiplexedConnection
+from tieredcache.layers.redis.wire.autopipeline import AutoPipeline
+from tieredcache.layers.redis.wire.multiplex import MultiplexedConnection
 
 pytestmark = pytest.mark.redis
 

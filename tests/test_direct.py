@@ -13,7 +13,7 @@ import redis
 import redis.exceptions
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
-from tieredcache.layers.direct import DirectClient, DirectConnections, connection_params
+from tieredcache.layers.redis.wire.direct import DirectClient, DirectConnections, connection_params
 
 pytestmark = pytest.mark.redis
 

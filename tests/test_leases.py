@@ -145,7 +145,7 @@ def test_an_invalidation_between_reading_l2_and_backfilling_l1_wins(redis_url: s
         stored, _ = cache.layers[1].get_with_lease(key, ())  # type: ignore[union-attr]
         assert stored is not None
         memory.delete([key])  # the invalidation lands here
-        decoded = cache.codec.decode(key.full, stored, lambda b: b)
+        decoded = cache._codec.decode(key.full, stored, lambda b: b)
         assert memory.set(key, None, decoded, (), lease=token) is False
     cache.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from tieredcache.perloop import PerLoop
+from tieredcache._perloop import PerLoop
 
 
 def test_each_loop_gets_its_own_object_and_a_dropped_loop_takes_it_along() -> None:

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from tieredcache import LoaderTimeoutError, MemoryLayer, RedisLayer, TieredCache, tenant_scope
+from tieredcache._engine.request import xfetch_due
 from tieredcache.entry import Entry
-from tieredcache.flows import xfetch_due
+from tieredcache._engine.request import xfetch_due
 from tieredcache.testing import FakeClock, wait_until
 
 
@@ -252,8 +253,8 @@ def test_a_background_refresh_skips_the_load_when_another_replica_already_refres
 ) -> None:
     """A refresh prompted by an entry created at t0 only back-fills when a layer already
     holds a fresh entry created after t0 (another replica won the race)."""
-    from tieredcache.decorator import cached_impl
-    from tieredcache.flows import refresh_flow
+    from tieredcache._engine._sync.read import refresh
+    from tieredcache._function.impl import cached_impl
 
     clock = FakeClock(time.time())
     calls = 0
@@ -277,7 +278,7 @@ def test_a_background_refresh_skips_the_load_when_another_replica_already_refres
         assert functions[1].refresh(1) == 2  # the other replica refreshed first
         impl = cached_impl(functions[0])
         req = impl.request("acme", None, (1,), {})
-        value = replicas[0].sync_runner.run(refresh_flow(req, seen=prompted_by), req)
+        value = refresh(req, True, prompted_by)
         assert value == 2
         assert calls == 2
         assert functions[0](1) == 2

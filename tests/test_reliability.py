@@ -346,11 +346,6 @@ def test_a_custom_key_body_carries_the_version() -> None:
     assert len({body(1), body(2), body("2")}) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs cached.py to build key= bodies with FunctionKeyBuilder(key=...); "
-    "remove this mark when the decorator rewrite wires it",
-)
 def test_a_version_bump_with_the_same_key_function_misses_the_old_entry() -> None:
     """Issue 9.11 through the decorator: v2 with the same key= never reads v1's entry."""
     cache = TieredCache("version", [MemoryLayer()])

@@ -10,7 +10,7 @@ import redis
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache.keys import CacheKey
-from tieredcache.layers.direct import DirectClient
+from tieredcache.layers.redis.wire.direct import DirectClient
 
 
 class CommandCounter:
@@ -65,8 +65,8 @@ def test_behind_memory_a_miss_costs_two_round_trips_and_a_shared_hit_one(
         assert counter.take() == ["EVALSHA", "EVALSHA"]
         assert load(1) == 1
         assert counter.take() == []  # in-process hit
-        assert cache.memory is not None
-        cache.memory.clear()
+        assert cache.layers[0] is not None
+        cache.layers[0].clear()
         assert load(1) == 1
         assert counter.take() == ["EVALSHA"]  # shared hit: the same read, no lock taken
         redis_layer = cache.layers[1]

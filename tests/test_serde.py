@@ -108,7 +108,7 @@ def test_msgpack_is_the_default_and_round_trips_plain_values(
     from Redis in another cache instance (another process) without calling the loader."""
     value = {"s": "text", "i": -3, "f": 2.5, "b": True, "n": None, "l": [1, [2, "3"]], "d": {}}
     writer, reader = make_cache(), make_cache()
-    assert writer.codec.serializer.name == "msgpack"
+    assert writer._codec.serializer.name == "msgpack"
     calls: list[str] = []
 
     def loader(cache: TieredCache) -> Callable[[str], dict[str, Any]]:

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
-from tieredcache.stampede import AsyncSingleFlight, SingleFlight
+from tieredcache._engine._singleflight import AsyncSingleFlight, SingleFlight
 from tieredcache.testing import await_until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,10 +298,10 @@ async def test_a_broadcast_invalidation_detaches_the_loads_in_flight(redis_url: 
     with tenant_scope("acme"):
         load = asyncio.create_task(item(1))
         key = item.key(1)
-        await await_until(lambda: here.async_singleflight.in_flight(key.full))
+        await await_until(lambda: here._stack.async_flights.in_flight(key.full))
         await there.ainvalidate([key])  # another replica
         await await_until(
-            lambda: here.async_singleflight.in_flight(key.full),
+            lambda: here._stack.async_flights.in_flight(key.full),
             expect=False,
             message="the broadcast detached the load",
         )

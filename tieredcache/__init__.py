@@ -13,11 +13,10 @@
 Importing the package does no work: no cache, no connection, no thread.
 """
 
-from ._async.journal import AsyncJournal, AsyncRedisStreamJournal
-from ._sync.journal import Journal, RedisStreamJournal
+from ._engine.result import InvalidationResult
+from ._function.types import AsyncCachedFunction, CachedFunction
 from .breaker import CircuitBreaker
-from .cache import InvalidationResult, TieredCache
-from .decorator import AsyncCachedFunction, CachedFunction
+from .cache import TieredCache
 from .entry import Entry
 from .errors import (
     BackendError,
@@ -44,7 +43,18 @@ from .metrics import CacheStats, LayerStats, LoaderStats
 from .policy import Policy
 from .serde import JsonSerializer, MsgpackSerializer, PickleSerializer, Serializer
 from .tenancy import current_tenant, tenant_scope, validate_tenant
-from .writeback import AsyncFlusher, AsyncWriteBack, Flusher, FlushReport, WriteBack, WriteRecord
+from .writeback import (
+    AsyncFlusher,
+    AsyncJournal,
+    AsyncRedisStreamJournal,
+    AsyncWriteBack,
+    Flusher,
+    FlushReport,
+    Journal,
+    RedisStreamJournal,
+    WriteBack,
+    WriteRecord,
+)
 
 __version__ = "0.1.0"
 

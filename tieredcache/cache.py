@@ -1,64 +1,31 @@
-"""TieredCache: the layers, the codec, the metrics and the runners of one namespace."""
+"""TieredCache: the facade over one namespace's layer stack."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from . import fastmiss
-from .background import Background
-from .breaker import CircuitBreaker
-from .broadcast import Notifier, Replicas
-from .errors import BackendError, ConfigurationError, TenantRequiredError
-from .flows import (
-    BROADCAST,
-    MISSING,
-    ReadRequest,
-    invalidate_flow,
-    lookup_flow,
-    set_flow,
-)
+from ._engine import _async as engine_async
+from ._engine import _sync as engine_sync
+from ._engine.request import MISSING, ReadRequest
+from ._engine.result import InvalidationResult
+from ._engine.stack import LayerStack
+from ._function.impl import cached_impl
+from ._function.types import CacheDecorator
+from .errors import ConfigurationError, TenantRequiredError
 from .keys import CacheKey, Tag, make_tags, validate_namespace
-from .layercalls import LayerGuard
-from .layers.base import InvalidationLayer, StorageLayer
-from .layers.memory import MemoryLayer
-from .layers.redis import RedisLayer
+from .layers.base import InvalidationLayer, ReplicaBroadcastLayer, StorageLayer
 from .metrics import CacheStats, Metrics
 from .policy import Policy
-from .runners import AsyncRunner, SyncRunner
 from .serde import EntryCodec, MsgpackSerializer, Serializer
-from .stampede import AsyncSingleFlight, SingleFlight
 from .tenancy import current_tenant, tenant_scope, validate_tenant
-
-if TYPE_CHECKING:
-    from .decorator import CacheDecorator
-from .decorator import cached_impl
 
 __all__ = ["InvalidationResult", "TieredCache"]
 
 log = logging.getLogger("tieredcache")
-T = TypeVar("T")
 API_FUNCTION = "(api)"
-
-
-@dataclass(slots=True)
-class InvalidationResult:
-    """What an invalidation reached. ``failed`` names the layers that did not confirm it
-    (``"broadcast"`` when the replicas could not be told)."""
-
-    failed: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def raise_for_failure(self) -> None:
-        """Raise :class:`BackendError` if any layer missed the invalidation."""
-        if self.failed:
-            raise BackendError(",".join(self.failed), "invalidate", "not confirmed; retry it")
 
 
 class TieredCache:
@@ -73,12 +40,13 @@ class TieredCache:
     ...     get_product(42)
     {'id': 42}
 
-    Storage layers (memory, Redis) are read fastest first and back-filled;
-    invalidation-only layers (a CDN) are reached by every invalidation. A
-    failing shared layer is skipped (its circuit breaker opens after
-    ``breaker_failures`` consecutive failures and probes again after
-    ``breaker_reset`` seconds); calls fall through to the next layer or the
-    loader. ``clock`` is the wall clock for entry times; inject a fake in tests.
+    Storage layers (in-process, Redis) are read fastest first and back-filled;
+    invalidation-only layers (a CDN) are reached by every invalidation, after
+    the storage layers and the other replicas. A failing shared layer is
+    skipped (its circuit breaker opens after ``breaker_failures`` consecutive
+    failures and probes again after ``breaker_reset`` seconds); calls fall
+    through to the next layer or the loader. ``clock`` is the wall clock for
+    entry times; inject a fake in tests.
     """
 
     def __init__(
@@ -101,63 +69,36 @@ class TieredCache:
         names = [getattr(layer, "name", None) for layer in layers]
         if len(set(names)) != len(names) or None in names:
             raise ConfigurationError(f"TieredCache layers need distinct names, got {names}")
-        for layer in layers:
-            if not isinstance(layer, InvalidationLayer):
-                raise ConfigurationError(f"layer {layer!r} does not implement delete/delete_tags")
         self.layers = list(layers)
         self.clock = clock
-        self.codec = EntryCodec(serializer or MsgpackSerializer(), signing_secrets)
-        self.metrics = Metrics([layer.name for layer in self.layers], max_tenants=max_tenants)
-        self.guards = [
-            LayerGuard(
-                layer,
-                index,
-                self.metrics,
-                None
-                if isinstance(layer, MemoryLayer)
-                else CircuitBreaker(breaker_failures, breaker_reset),
-            )
-            for index, layer in enumerate(self.layers)
-        ]
-        self.storage = [i for i, layer in enumerate(self.layers) if isinstance(layer, StorageLayer)]
-        if not self.storage:
-            raise ConfigurationError(
-                "TieredCache needs at least one storage layer (memory or Redis)"
-            )
-        self.stores_objects = [
-            bool(getattr(self.layers[i], "stores_objects", False)) for i in self.storage
-        ]
-        first = self.layers[self.storage[0]]
-        self.memory: MemoryLayer | None = first if isinstance(first, MemoryLayer) else None
-        redis_layers = [i for i in self.storage if isinstance(self.layers[i], RedisLayer)]
-        self.lock_layer: int | None = redis_layers[0] if redis_layers else None
-        # The shape of the shared-hit shortcut (see tieredcache.hotpath.shared_hit): exactly one
-        # shared storage layer, last, optionally behind the in-process layer.
-        shared = [p for p, objects in enumerate(self.stores_objects) if not objects]
-        self.fast_shared: int | None = None
-        if shared == [len(self.storage) - 1] and (len(self.storage) == 1 or self.memory):
-            self.fast_shared = shared[0]
-        # With an in-process layer in front, the shared layer is read when this process
-        # does not have the key: on a miss that read also tries the fill lock (one
-        # round trip, not two). Without one, a shared read is most often a hit, and
-        # stays a plain GET. Only when the lock layer is read last: a lock taken by
-        # the read is then always followed by the load it is for.
-        self.fused_read: int | None = None
-        if self.memory is not None and self.storage[-1] == self.lock_layer:
-            self.fused_read = len(self.storage) - 1
-        # [in-process, Redis]: async misses take the one-coroutine path (fastmiss.py).
-        self.fast_miss = fastmiss.eligible(self)
-        redis_layer = self.layers[redis_layers[0]] if redis_layers else None
-        self._redis: RedisLayer | None = (
-            redis_layer if isinstance(redis_layer, RedisLayer) else None
+        self._codec = EntryCodec(serializer or MsgpackSerializer(), signing_secrets)
+        self._metrics = Metrics([layer.name for layer in self.layers], max_tenants=max_tenants)
+        self._stack = LayerStack(
+            self.namespace,
+            self.layers,
+            codec=self._codec,
+            clock=clock,
+            metrics=self._metrics,
+            breaker_failures=breaker_failures,
+            breaker_reset=breaker_reset,
+            background_workers=background_workers,
         )
-        self.replicas = Replicas(self, self._redis if broadcast else None)
-        self.background = Background(self, background_workers)
+        self._replicas: Any = None
+        if broadcast:
+            carrier = next(
+                (
+                    g.layer
+                    for g in self._stack.storage
+                    if isinstance(g.layer, ReplicaBroadcastLayer)
+                ),
+                None,
+            )
+            if carrier is not None:
+                self._replicas = carrier.replicas(
+                    self.namespace, self._stack.drop_local, self._resync
+                )
+                self._stack.attach_broadcast(self._replicas, carrier)
         self._api_counters: dict[str, list[int]] = {}
-        self.singleflight = SingleFlight()
-        self.async_singleflight = AsyncSingleFlight()
-        self.sync_runner = SyncRunner(self)
-        self.async_runner = AsyncRunner(self)
         self._read_through: dict[str, Any] = {}
 
     # -- decorators ---------------------------------------------------------
@@ -184,16 +125,15 @@ class TieredCache:
         one. Further keyword arguments are :class:`Policy` fields.
 
         The wrapper keeps the signature and adds ``invalidate(...)``,
-        ``refresh(...)``, ``key(...)`` and ``writer(...)`` (write-through).
+        ``refresh(...)``, ``key(...)``, ``put(...)`` and ``writer(...)``
+        (write-through).
         """
-        from .decorator import CacheDecorator
-
         try:
             resolved = Policy(ttl=ttl, **policy)
         except TypeError as exc:
             raise ConfigurationError(f"cached(): {exc}") from None
         return CacheDecorator(
-            self,
+            self._stack,
             resolved,
             tags=tags,
             key=key,
@@ -231,7 +171,7 @@ class TieredCache:
         return register
 
     # -- tenant and request helpers ------------------------------------------------
-    def resolve_tenant(self, tenant: str | None, function: str) -> str:
+    def _tenant(self, tenant: str | None, function: str) -> str:
         if tenant is not None:
             return validate_tenant(tenant)
         scoped = current_tenant()
@@ -239,58 +179,30 @@ class TieredCache:
             raise TenantRequiredError(function)
         return scoped
 
-    def api_counters(self, tenant: str) -> list[int]:
+    def _counters(self, tenant: str) -> list[int]:
         counters = self._api_counters.get(tenant)
         if counters is None:
-            counters = self._api_counters[tenant] = self.metrics.counters(API_FUNCTION, tenant)
+            counters = self._metrics.counters(API_FUNCTION, tenant)
+            if len(self._api_counters) <= self._metrics.max_tenants:  # bounded, as the labels
+                self._api_counters[tenant] = counters
         return counters
 
-    def request(
-        self,
-        key: CacheKey,
-        tags: tuple[Tag, ...],
-        *,
-        policy: Policy,
-        function: str,
-        counters: list[int],
-        loader: Callable[[], Any],
-        decode: Callable[[bytes], Any],
-        alias: Any = None,
-    ) -> ReadRequest:
-        return ReadRequest(
-            key=key,
-            tags=tags,
-            alias=key.full if alias is None else alias,
-            policy=policy,
-            function=function,
-            counters=counters,
-            loader=loader,
-            decode=decode,
-            codec=self.codec,
-            clock=self.clock,
-            storage=self.storage,
-            stores_objects=self.stores_objects,
-            lock_layer=self.lock_layer,
-            loader_base=self.metrics.loader_base,
-            fused_read=self.fused_read,
-        )
-
-    def _api_request(
+    def _request(
         self, key: str, tenant: str | None, ttl: float, tags: Iterable[str]
     ) -> ReadRequest:
-        scoped = self.resolve_tenant(tenant, "TieredCache")
-        cache_key = CacheKey(self.namespace, scoped, key)
-        return self.request(
-            cache_key,
+        scoped = self._tenant(tenant, "TieredCache")
+        return ReadRequest(
+            self._stack,
+            CacheKey(self.namespace, scoped, key),
             make_tags(self.namespace, scoped, tags),
             policy=Policy(ttl=ttl),
             function=API_FUNCTION,
-            counters=self.api_counters(scoped),
+            counters=self._counters(scoped),
             loader=_no_loader,
-            decode=self.codec.serializer.decoder(Any),
+            decode=self._codec.serializer.decoder(Any),
         )
 
-    def _loader_for(self, key: str) -> Any:
+    def _loader_for(self, key: str) -> tuple[Any, Any]:
         prefix, sep, ident = key.partition(":")
         if sep and prefix in self._read_through:
             return self._read_through[prefix], ident
@@ -305,20 +217,16 @@ class TieredCache:
         """
         loader, ident = self._loader_for(key)
         if loader is not None:
-            return cached_impl(loader).call_for_tenant(self.resolve_tenant(tenant, key), ident)
-        req = self._api_request(key, tenant, 1.0, ())
-        value = self.sync_runner.run(lookup_flow(req), req)
+            return cached_impl(loader).call_for_tenant(self._tenant(tenant, key), ident)
+        value = engine_sync.lookup(self._request(key, tenant, 1.0, ()))
         return default if value is MISSING else value
 
     async def aget(self, key: str, *, tenant: str | None = None, default: Any = None) -> Any:
         """Async :meth:`get`."""
         loader, ident = self._loader_for(key)
         if loader is not None:
-            return await cached_impl(loader).acall_for_tenant(
-                self.resolve_tenant(tenant, key), ident
-            )
-        req = self._api_request(key, tenant, 1.0, ())
-        value = await self.async_runner.run(lookup_flow(req), req)
+            return await cached_impl(loader).acall_for_tenant(self._tenant(tenant, key), ident)
+        value = await engine_async.lookup(self._request(key, tenant, 1.0, ()))
         return default if value is MISSING else value
 
     def set(
@@ -331,9 +239,11 @@ class TieredCache:
         tenant: str | None = None,
     ) -> None:
         """Store ``value`` under ``key`` in every storage layer; fills in flight lose to it."""
-        req = self._api_request(key, tenant, ttl, tags)
-        self.sync_runner.run(set_flow(req, value), req)
-        self.forget_in_flight([req.key], req.tags)
+        req = self._request(key, tenant, ttl, tags)
+        try:
+            engine_sync.put(req, value)
+        finally:
+            self._stack.forget([req.key], req.tags)
 
     async def aset(
         self,
@@ -345,22 +255,24 @@ class TieredCache:
         tenant: str | None = None,
     ) -> None:
         """Async :meth:`set`."""
-        req = self._api_request(key, tenant, ttl, tags)
-        await self.async_runner.run(set_flow(req, value), req)
-        self.forget_in_flight([req.key], req.tags)
+        req = self._request(key, tenant, ttl, tags)
+        try:
+            await engine_async.put(req, value)
+        finally:
+            self._stack.forget([req.key], req.tags)
 
     def refresh(self, key: str, *, tenant: str | None = None) -> Any:
         """Reload a read-through key now and store the result."""
         loader, ident = self._loader_for(key)
         if loader is None:
             raise ConfigurationError(f"no read_through loader owns key {key!r}")
-        with tenant_scope(self.resolve_tenant(tenant, key)):
+        with tenant_scope(self._tenant(tenant, key)):
             return loader.refresh(ident)
 
     def _scoped(
         self, keys: Iterable[str | CacheKey], tags: Iterable[str], tenant: str | None
     ) -> tuple[list[CacheKey], tuple[Tag, ...], list[int]]:
-        scoped = self.resolve_tenant(tenant, "invalidate")
+        scoped = self._tenant(tenant, "invalidate")
         cache_keys = []
         for key in keys:
             if isinstance(key, CacheKey):
@@ -371,11 +283,7 @@ class TieredCache:
                 cache_keys.append(key)
             else:
                 cache_keys.append(CacheKey(self.namespace, scoped, key))
-        return cache_keys, make_tags(self.namespace, scoped, tags), self.api_counters(scoped)
-
-    def _result(self, failed: list[int]) -> InvalidationResult:
-        names = ["broadcast" if i == BROADCAST else self.layers[i].name for i in failed]
-        return InvalidationResult(names)
+        return cache_keys, make_tags(self.namespace, scoped, tags), self._counters(scoped)
 
     def invalidate(
         self,
@@ -391,10 +299,9 @@ class TieredCache:
         where an unconfirmed invalidation must be retried.
         """
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
-        flow = invalidate_flow(len(self.layers), cache_keys, cache_tags, counters)
-        failed = self.sync_runner.run(flow)
-        self.forget_in_flight(cache_keys, cache_tags)
-        return self._result(failed)
+        return InvalidationResult(
+            engine_sync.invalidate(self._stack, cache_keys, cache_tags, counters)
+        )
 
     async def ainvalidate(
         self,
@@ -405,47 +312,38 @@ class TieredCache:
     ) -> InvalidationResult:
         """Async :meth:`invalidate`."""
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
-        flow = invalidate_flow(len(self.layers), cache_keys, cache_tags, counters)
-        failed = await self.async_runner.run(flow)
-        self.forget_in_flight(cache_keys, cache_tags)
-        return self._result(failed)
-
-    def forget_in_flight(
-        self, keys: Sequence[CacheKey], tags: Sequence[Tag], everything: bool = False
-    ) -> None:
-        """After an invalidation or a write: later callers of these keys (or tags, or of
-        every key) start a load of their own instead of joining one that began before it."""
-        if everything:
-            self.singleflight.forget(everything=True)
-            self.async_singleflight.forget(everything=True)
-        elif keys or tags:
-            full_keys = [key.full for key in keys]
-            tag_names = [tag.full for tag in tags]
-            self.singleflight.forget(full_keys, tag_names)
-            self.async_singleflight.forget(full_keys, tag_names)
+        failed = await engine_async.invalidate(self._stack, cache_keys, cache_tags, counters)
+        return InvalidationResult(failed)
 
     # -- broadcast -------------------------------------------------------------
-    def notifier(self) -> Notifier | None:
-        """The replica broadcast subscriber, started on first use (None without Redis)."""
-        return self.replicas.notifier()
+    def _resync(self) -> None:
+        self._stack.resync()
 
     def connect(self, timeout: float = 2.0) -> bool:
         """Subscribe to the replica broadcast now and wait up to ``timeout`` for it.
 
         Optional: the subscriber also starts on first use. Call it at start-up so
         the first requests already hear other replicas' invalidations. Returns
-        whether the subscription is up (always True without a Redis layer).
+        whether the subscription is up (always True without a shared layer that
+        carries the broadcast).
         """
-        return self.replicas.connect(timeout)
+        return True if self._replicas is None else bool(self._replicas.connect(timeout))
 
     # -- introspection and lifecycle -------------------------------------------
+    def _layer_states(self) -> tuple[dict[str, int], dict[str, str]]:
+        evictions = {layer.name: layer.evictions for layer in self._stack.memories}
+        breakers: dict[str, str] = {
+            g.name: g.breaker.state for g in self._stack.guards if g.breaker is not None
+        }
+        return evictions, breakers
+
     def stats(self) -> CacheStats:
         """Hit rates and counts per layer, per function and per tenant."""
-        evictions = {
-            layer.name: layer.evictions for layer in self.layers if isinstance(layer, MemoryLayer)
-        }
-        breakers = {g.name: g.breaker.state for g in self.guards if g.breaker is not None}
-        return self.metrics.snapshot(evictions, breakers)
+        return self._metrics.snapshot(*self._layer_states())
+
+    def metrics_source(self) -> tuple[str, Metrics, Mapping[str, int], Mapping[str, str]]:
+        """What the Prometheus collector reads (see :mod:`tieredcache.prometheus`)."""
+        return (self.namespace, self._metrics, *self._layer_states())
 
     def prometheus_collector(self) -> Any:
         """A prometheus-client collector; register it with ``REGISTRY.register(...)``."""
@@ -454,8 +352,9 @@ class TieredCache:
         return PrometheusCollector([self])
 
     def _stop_background(self) -> None:
-        self.replicas.stop()
-        self.background.stop()
+        if self._replicas is not None:
+            self._replicas.stop()
+        self._stack.background.stop()
 
     def close(self) -> None:
         """Stop background threads, then close the layers' connections."""
@@ -465,11 +364,11 @@ class TieredCache:
 
     async def aclose(self) -> None:
         """Async :meth:`close` (also closes this loop's async connections)."""
-        await self.background.acancel()
+        await self._stack.background.acancel()
         self._stop_background()
         for layer in self.layers:
             await layer.aclose()
 
 
 def _no_loader() -> Any:
-    raise AssertionError("the explicit get() never loads")
+    raise AssertionError("an explicit get() never loads")

@@ -21,9 +21,17 @@ HIT, MISS, SET, INVALIDATION, ERROR, STALE = range(6)
 FIELDS = 6
 FIELD_NAMES = ("hits", "misses", "sets", "invalidations", "errors", "stale_hits")
 # Loader counters, after the layers' block.
-LOAD_CALLS, LOAD_ERRORS, LOAD_TIMEOUTS, LEASE_REJECTED, LOCK_WAITS, REFRESHES = range(6)
-LOADER_FIELDS = 6
-LOADER_NAMES = ("calls", "errors", "timeouts", "lease_rejections", "lock_waits", "early_refreshes")
+LOAD_CALLS, LOAD_ERRORS, LOAD_TIMEOUTS, LEASE_REJECTED, LOCK_WAITS, REFRESHES, COALESCED = range(7)
+LOADER_FIELDS = 7
+LOADER_NAMES = (
+    "calls",
+    "errors",
+    "timeouts",
+    "lease_rejections",
+    "lock_waits",
+    "early_refreshes",
+    "coalesced",
+)
 LATENCY_BUCKETS = (
     0.000_01,
     0.000_025,
@@ -104,6 +112,9 @@ class LoaderStats:
     lease_rejections: int = 0
     lock_waits: int = 0
     early_refreshes: int = 0
+    # Calls answered by a load another caller of the same key ran (single-flight):
+    # with them, the first layer's hits + misses + coalesced = calls.
+    coalesced: int = 0
 
 
 @dataclass(slots=True)

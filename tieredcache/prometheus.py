@@ -17,11 +17,10 @@ Metric families (all labelled with ``namespace``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from .errors import MissingExtraError
-from .layers.memory import MemoryLayer
 from .metrics import (
     ERROR,
     FIELDS,
@@ -32,12 +31,18 @@ from .metrics import (
     MISS,
     SET,
     STALE,
+    Metrics,
 )
 
-if TYPE_CHECKING:
-    from .cache import TieredCache
+__all__ = ["MetricsSource", "PrometheusCollector", "serve_metrics"]
 
-__all__ = ["PrometheusCollector", "serve_metrics"]
+
+class MetricsSource(Protocol):
+    """What the collector reads of a cache (``TieredCache`` is one)."""
+
+    def metrics_source(self) -> tuple[str, Metrics, Mapping[str, int], Mapping[str, str]]:
+        """(namespace, metrics, evictions per layer, breaker state per layer)."""
+        ...
 
 
 def _prometheus() -> Any:
@@ -51,7 +56,7 @@ def _prometheus() -> Any:
 class PrometheusCollector:
     """A prometheus-client custom collector over one or more caches."""
 
-    def __init__(self, caches: Sequence[TieredCache]) -> None:
+    def __init__(self, caches: Sequence[MetricsSource]) -> None:
         self.caches = list(caches)
         _prometheus()
 
@@ -92,8 +97,7 @@ class PrometheusCollector:
             labels=["namespace", "layer", "function", "operation"],
         )
         for cache in self.caches:
-            ns = cache.namespace
-            metrics = cache.metrics
+            ns, metrics, layer_evictions, breakers = cache.metrics_source()
             for function, tenant, counters in metrics.rows():
                 for index, layer in enumerate(metrics.layer_names):
                     base = index * FIELDS
@@ -107,13 +111,10 @@ class PrometheusCollector:
                 for offset, event in enumerate(LOADER_NAMES):
                     value = counters[metrics.loader_base + offset]
                     loader.add_metric([ns, function, tenant, event], value)
-            for memory in cache.layers:
-                if isinstance(memory, MemoryLayer):
-                    evictions.add_metric([ns, memory.name], memory.evictions)
-            for guard in cache.guards:
-                if guard.breaker is not None:
-                    is_open = 0 if guard.breaker.state == "closed" else 1
-                    breaker.add_metric([ns, guard.name], is_open)
+            for name, count in layer_evictions.items():
+                evictions.add_metric([ns, name], count)
+            for name, state in breakers.items():
+                breaker.add_metric([ns, name], 0 if state == "closed" else 1)
             for (layer_name, function, operation), histogram in metrics.latency_items():
                 cumulative, running = [], 0
                 for bound, count in zip(
@@ -131,7 +132,7 @@ def _bucket(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def serve_metrics(*caches: TieredCache, port: int, addr: str = "127.0.0.1") -> Any:
+def serve_metrics(*caches: MetricsSource, port: int, addr: str = "127.0.0.1") -> Any:
     """Serve ``/metrics`` for ``caches`` on ``addr:port`` in a daemon thread; returns the server."""
     _prometheus()
     from prometheus_client import CollectorRegistry, start_http_server

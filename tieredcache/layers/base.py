@@ -1,30 +1,68 @@
-"""The protocols every layer implements.
+"""What a layer can do, as Protocols: the engine's whole contract with its layers.
 
-A *storage* layer can be read and filled (memory, Redis). An *invalidation*
-layer can only be told to drop keys and tags (a CDN): it has no ``get``. The
-cache talks to both through the same ``delete``/``delete_tags`` calls, so an
-invalidation reaches every layer.
+A layer is any object with the methods of one of these Protocols; nothing has
+to subclass anything. The cache resolves each layer's capabilities once, when
+it is built (:mod:`tieredcache._engine.stack`), and the engine then calls
+exactly these methods:
 
-Fills carry a *lease*: an opaque token a storage layer hands out with a miss
-(``get_with_lease``). ``set(..., lease=token)`` is refused when the key or one
-of the given tags was invalidated after the token was taken, so a slow loader
-can never write back a value an invalidation already replaced.
+- :class:`InvalidationLayer`: can only forget keys and tags (a CDN purger).
+  Every invalidation reaches it, after the storage layers and the replica
+  broadcast.
+- :class:`InProcessLayer`: stores :class:`~tieredcache.entry.Entry` objects in
+  this process. No I/O, so async callers use its sync methods; its lease is
+  free and comes with every read. It also hands the decorator's wrappers a
+  lock-free lookup for the hit path (:meth:`InProcessLayer.hit_lookup`).
+- :class:`SharedLayer`: stores encoded bytes that other processes read (Redis,
+  Memcached, a disk cache). A hit costs one plain ``get``; the lease that
+  guards a fill is taken separately, before the loader runs.
+- :class:`FillLockLayer`: a shared layer that can also coordinate one fill per
+  key across processes: read-or-lock in one round trip, the lease with the
+  lock, a fill that releases the lock, and a wake-up for waiters.
+
+Fills carry a *lease*, an opaque token taken before the loader runs:
+``set(..., lease=token)`` is refused when the key or one of its tags was
+invalidated after the token was taken, so a slow loader never writes back a
+value an invalidation already replaced. ``bump=True`` (a write) refuses every
+fill whose lease predates it.
+
+Errors: a layer raises :class:`~tieredcache.errors.BackendError` (or a
+subclass) for anything its backend did wrong; the engine counts it, trips the
+layer's breaker and carries on with the next layer or the loader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..entry import Entry
 from ..keys import CacheKey, Tag
 
-__all__ = ["InvalidationLayer", "StorageLayer"]
+__all__ = [
+    "FillLockLayer",
+    "InProcessLayer",
+    "InvalidationLayer",
+    "ReplicaBroadcastLayer",
+    "SharedLayer",
+    "StorageLayer",
+]
 
 
 @runtime_checkable
 class InvalidationLayer(Protocol):
-    """A layer that can only forget: keys and tags are dropped, nothing is read."""
+    """A layer that can only forget: keys and tags are dropped, nothing is read.
+
+    >>> class PrintPurger:
+    ...     name = "cdn"
+    ...     def delete(self, keys): print("purge", [k.full for k in keys])
+    ...     def delete_tags(self, tags): print("purge", [t.full for t in tags])
+    ...     async def adelete(self, keys): self.delete(keys)
+    ...     async def adelete_tags(self, tags): self.delete_tags(tags)
+    ...     def close(self): pass
+    ...     async def aclose(self): pass
+    >>> isinstance(PrintPurger(), InvalidationLayer)
+    True
+    """
 
     name: str
 
@@ -41,24 +79,29 @@ class InvalidationLayer(Protocol):
     async def aclose(self) -> None: ...
 
 
+class HitSlot(Protocol):
+    """What the hit path reads from an in-process lookup: the value, and the time
+    after which a hit must look at the entry (expiry, early refresh)."""
+
+    @property
+    def value(self) -> Any: ...
+
+    @property
+    def refresh_at(self) -> float: ...
+
+    @property
+    def entry(self) -> Entry: ...
+
+
 @runtime_checkable
-class StorageLayer(InvalidationLayer, Protocol):
-    """A layer that stores entries.
+class InProcessLayer(InvalidationLayer, Protocol):
+    """Entries as Python objects in this process (see :class:`~tieredcache.MemoryLayer`)."""
 
-    ``stores_objects`` is True when entries are kept as Python objects (the
-    in-process layer) and False when they are bytes made by the cache's codec
-    (shared layers); ``get`` returns an :class:`Entry` or bytes accordingly.
-    """
+    evictions: int  # entries dropped for size, for the metrics
 
-    stores_objects: bool
-
-    def get(self, key: CacheKey) -> Any | None: ...
-
-    def get_many(self, keys: Sequence[CacheKey]) -> list[Any | None]: ...
-
-    def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Any | None, Any]: ...
-
-    def lease(self, key: CacheKey, tags: Sequence[Tag]) -> Any: ...
+    def get_with_lease(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[Entry | None, Any]:
+        """The entry (None if absent or past ``stale_until``) and a fill lease."""
+        ...
 
     def set(
         self,
@@ -68,24 +111,114 @@ class StorageLayer(InvalidationLayer, Protocol):
         tags: Sequence[Tag] = (),
         lease: Any = None,
         bump: bool = False,
-    ) -> bool: ...
+        alias: Hashable | None = None,
+        refresh_at: float | None = None,
+    ) -> bool:
+        """Store ``entry``; False if ``lease`` was overtaken. ``alias`` is a second
+        lookup key for the hit path; ``refresh_at`` when its hits start checking."""
+        ...
 
-    async def aget(self, key: CacheKey) -> Any | None: ...
+    def hit_lookup(
+        self,
+    ) -> tuple[Callable[[Hashable], HitSlot | None], Callable[[Hashable], None]]:
+        """(lookup by alias, note a hit): both lock-free, for the decorator's hit path."""
+        ...
 
-    async def aget_many(self, keys: Sequence[CacheKey]) -> list[Any | None]: ...
+    def clear(self) -> None:
+        """Drop everything (a replica that may have missed invalidations)."""
+        ...
 
-    async def aget_with_lease(
-        self, key: CacheKey, tags: Sequence[Tag]
-    ) -> tuple[Any | None, Any]: ...
 
-    async def alease(self, key: CacheKey, tags: Sequence[Tag]) -> Any: ...
+@runtime_checkable
+class SharedLayer(InvalidationLayer, Protocol):
+    """Encoded entries shared between processes."""
 
-    async def aset(
+    def get(self, key: CacheKey) -> bytes | None: ...
+
+    def lease(self, key: CacheKey, tags: Sequence[Tag]) -> Any: ...
+
+    def set(
         self,
         key: CacheKey,
-        value: Any,
+        value: bytes,
         entry: Entry,
         tags: Sequence[Tag] = (),
         lease: Any = None,
         bump: bool = False,
     ) -> bool: ...
+
+    async def aget(self, key: CacheKey) -> bytes | None: ...
+
+    async def alease(self, key: CacheKey, tags: Sequence[Tag]) -> Any: ...
+
+    def aset(
+        self,
+        key: CacheKey,
+        value: bytes,
+        entry: Entry,
+        tags: Sequence[Tag] = (),
+        lease: Any = None,
+        bump: bool = False,
+    ) -> Coroutine[Any, Any, bool]: ...
+
+
+@runtime_checkable
+class FillLockLayer(SharedLayer, Protocol):
+    """A shared layer that runs one fill per key across processes (Redis).
+
+    ``token`` identifies the lock's owner; only its owner releases it.
+    ``set(..., unlock=token)`` releases the lock with the fill, in one round trip.
+    """
+
+    def get_or_lock_fill(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bytes | None, bool | None, Any]:
+        """The value; if absent, also try the fill lock and take the lease ->
+        (value, taken, lease); taken and lease are None on a hit."""
+        ...
+
+    def acquire_fill_lock(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bool, Any]: ...
+
+    def release_fill_lock(self, key: CacheKey, token: str) -> bool: ...
+
+    def watch_fill_lock(self, key: CacheKey, wait: float) -> bool:
+        """Whether the lock is held; if so, its release is announced to the
+        waiters of this key for ``wait`` seconds (see the replica broadcast)."""
+        ...
+
+    def aget_or_lock_fill(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> Coroutine[Any, Any, tuple[bytes | None, bool | None, Any]]: ...
+
+    async def aacquire_fill_lock(
+        self, key: CacheKey, tags: Sequence[Tag], token: str, ttl: float
+    ) -> tuple[bool, Any]: ...
+
+    async def arelease_fill_lock(self, key: CacheKey, token: str) -> bool: ...
+
+    async def awatch_fill_lock(self, key: CacheKey, wait: float) -> bool: ...
+
+
+@runtime_checkable
+class ReplicaBroadcastLayer(Protocol):
+    """A shared layer that can also carry invalidations between replicas (Redis
+    pub/sub), so that every process drops what another process invalidated from
+    its in-process layers, and fill waiters are woken."""
+
+    def replicas(
+        self,
+        namespace: str,
+        on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
+        on_resync: Callable[[], None],
+    ) -> Any:
+        """The namespace's broadcast: ``notifier()``, ``publish``/``apublish``,
+        ``connect(timeout)``, ``stop()``. ``on_invalidate`` receives what other
+        replicas invalidated; ``on_resync`` is called when some may have been missed."""
+        ...
+
+
+# A layer that stores entries, in this process or shared: what ``TieredCache``
+# accepts besides invalidation-only layers.
+StorageLayer = InProcessLayer | SharedLayer

@@ -282,6 +282,11 @@ class MemoryLayer:
     def __len__(self) -> int:
         return len(self._data)
 
+    def hit_lookup(self) -> tuple[Callable[[Hashable], _Slot | None], Callable[[Hashable], None]]:
+        """(lookup by alias, note a hit) for the decorator's hit path: a dict lookup on
+        the lock-free mirror, and an append to the recency buffer (both atomic)."""
+        return self._fast.get, self._recent.append
+
     def close(self) -> None:
         self.clear()
 

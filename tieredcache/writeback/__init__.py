@@ -92,16 +92,11 @@ may show a value the store never gets, until it expires or is invalidated.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+from ._async.journal import AsyncJournal, AsyncRedisStreamJournal
+from ._sync.journal import Journal, RedisStreamJournal
 from .aio import AsyncFlusher, AsyncWriteBack
 from .records import FlushReport, WriteRecord
 from .sync import Flusher, WriteBack
-
-if TYPE_CHECKING:
-    from .._async.journal import AsyncJournal, AsyncRedisStreamJournal
-    from .._sync.journal import Journal, RedisStreamJournal
 
 __all__ = [
     "AsyncFlusher",
@@ -115,20 +110,3 @@ __all__ = [
     "WriteBack",
     "WriteRecord",
 ]
-
-# The journal modules import WriteRecord from this package, and importing
-# ``tieredcache`` loads them first: importing them here would be a cycle, so
-# they are loaded on first use instead.
-_JOURNALS = {
-    "AsyncJournal": ".._async.journal",
-    "AsyncRedisStreamJournal": ".._async.journal",
-    "Journal": ".._sync.journal",
-    "RedisStreamJournal": ".._sync.journal",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _JOURNALS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)

@@ -16,9 +16,9 @@ from .flush import Ack, DeadLetter, FlushOp, FlushSettings, Read, Store, Touch
 from .records import FlushReport, WriteRecord
 
 if TYPE_CHECKING:
-    from .._async.journal import AsyncJournal
+    from .._function.types import AsyncCachedFunction
     from ..cache import TieredCache
-    from ..decorator import AsyncCachedFunction
+    from ._async.journal import AsyncJournal
 
 __all__ = ["AsyncFlusher", "AsyncWriteBack"]
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ..decorator import CachedImpl, cached_impl
+from .._function.types import CachedImpl, cached_impl
 from ..entry import Entry
 from ..errors import ConfigurationError, TieredCacheError, WriteBackError
 from ..tenancy import validate_tenant
@@ -53,14 +53,14 @@ class WriteBackBase(Generic[F, S]):
                 f"the journal is for namespace {namespace!r}, the cache is {cache.namespace!r}"
             )
         self.cache = cache
-        self._any = cache.codec.serializer.decoder(Any)
+        self._any = cache._codec.serializer.decoder(Any)
         self._decoders: dict[str, Callable[[bytes], Any]] = {}
         # pending_first loaders -> the cached function they load for (set by writer()).
         self._loaders: dict[Callable[..., Any], CachedImpl | None] = {}
 
     def _register(self, reader: Any, read_your_writes: bool) -> CachedImpl:
         impl = cached_impl(reader)
-        if impl.cache is not self.cache:
+        if impl.stack is not self.cache._stack:
             raise ConfigurationError(f"{impl.name} is cached by another TieredCache")
         if impl.func in self._loaders:
             self._loaders[impl.func] = impl
@@ -81,7 +81,7 @@ class WriteBackBase(Generic[F, S]):
         key = impl.key(*args, **kwargs)
         impl.tags(key.tenant, args, kwargs)
         now = self.cache.clock()
-        codec = self.cache.codec
+        codec = self.cache._codec
         record = WriteRecord(
             id="",
             tenant=key.tenant,
@@ -101,14 +101,14 @@ class WriteBackBase(Generic[F, S]):
                 f"journal entry {record.id}: key {record.key!r} is not a key of tenant "
                 f"{record.tenant!r} in namespace {self.cache.namespace!r}"
             )
-        name = self.cache.codec.serializer.name
+        name = self.cache._codec.serializer.name
         if record.serializer != name:
             raise WriteBackError(
                 f"journal entry {record.id} was encoded with {record.serializer!r}, "
                 f"this cache decodes {name!r}"
             )
         decoder = decoder or self._decoders.get(record.reader, self._any)
-        return self.cache.codec.decode(record.key, record.payload, decoder).value
+        return self.cache._codec.decode(record.key, record.payload, decoder).value
 
     def _pending_value(self, record: WriteRecord, impl: CachedImpl) -> tuple[bool, Any]:
         try:

@@ -14,9 +14,9 @@ from .flush import Ack, DeadLetter, FlushOp, FlushSettings, Read, Store, Touch
 from .records import FlushReport, WriteRecord
 
 if TYPE_CHECKING:
-    from .._sync.journal import Journal
+    from .._function.types import CachedFunction
     from ..cache import TieredCache
-    from ..decorator import CachedFunction
+    from ._sync.journal import Journal
 
 __all__ = ["Flusher", "WriteBack"]
 

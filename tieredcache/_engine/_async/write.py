@@ -1,0 +1,138 @@
+"""Writes: write-through, explicit sets and invalidation, over N layers.
+
+Written once, as async; ``scripts/unasync.py`` generates ``_sync/write.py``.
+
+- Write-through takes its leases *before* calling the writer. The write then
+  stores the new value only if nothing invalidated or wrote the key since, and
+  bumps the key's generation, which refuses every fill that began before it. A
+  write whose lease was overtaken deletes the key instead: two writers racing
+  leave either the later value or nothing, never the earlier one.
+- An invalidation goes slowest storage layer first (once the shared layer has
+  dropped a key, a reader here can no longer find the old value there to
+  back-fill with), then to every replica, then to the invalidation-only layers
+  (a CDN): a CDN purged before the replicas dropped their copies could refetch
+  the old page from one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ...entry import Entry
+from ...keys import CacheKey, Tag
+from ...metrics import FIELDS, INVALIDATION
+from ..request import ReadRequest, make_entry
+from ..stack import LayerGuard, LayerStack
+from .calls import shared
+from .read import _delete, _missing_leases, _start_load, store
+
+__all__ = ["BROADCAST", "invalidate", "put", "write"]
+
+BROADCAST = "broadcast"  # the name reported when the replicas could not be told
+
+
+async def write(req: ReadRequest) -> Any:
+    """Write-through: leases, then the writer (the store first), then every layer."""
+    leases: list[Any] = [None] * len(req.stack.storage)
+    await _missing_leases(req, leases)
+    start = time.perf_counter()
+    value = await _start_load(req, None, leases, None)
+    entry = make_entry(req.policy, value, req.stack.clock(), time.perf_counter() - start)
+    await _write_everywhere(req, entry, leases, conditional=True)
+    await _publish(req.stack, (req.key,), ())
+    return value
+
+
+async def put(req: ReadRequest, value: Any) -> None:
+    """Explicit set: store everywhere, refusing fills that began before it."""
+    entry = make_entry(req.policy, value, req.stack.clock(), 0.0)
+    leases: list[Any] = [None] * len(req.stack.storage)
+    await _write_everywhere(req, entry, leases, conditional=False)
+    await _publish(req.stack, (req.key,), ())
+
+
+async def _write_everywhere(
+    req: ReadRequest, entry: Entry | None, leases: list[Any], *, conditional: bool
+) -> None:
+    """A write's store step. Refused by a lease (another write or invalidation came
+    after ours) or nothing to store: drop the key everywhere. A layer that did not
+    confirm: try once more to drop the old value there; the others keep the new."""
+    unconfirmed: list[int] = []
+    if entry is None:
+        refused = True
+    else:
+        stored, _, unconfirmed = await store(req, entry, leases, bump=True, conditional=conditional)
+        refused = not stored
+    doomed = range(len(req.stack.storage) - 1, -1, -1) if refused else unconfirmed
+    for position in doomed:
+        await _delete(req, position, force=True)
+
+
+async def invalidate(
+    stack: LayerStack,
+    keys: Sequence[CacheKey],
+    tags: Sequence[Tag],
+    counters: list[int] | None = None,
+) -> list[str]:
+    """Drop keys and tags from every layer and every replica -> names of the layers
+    that did not confirm it (``"broadcast"`` for the replicas)."""
+    failed = []
+    for guard in reversed(stack.storage):
+        if not await _invalidate_layer(guard, keys, tags, counters):
+            failed.append(guard.name)
+    if not await _publish(stack, keys, tags):
+        failed.append(BROADCAST)
+    for guard in stack.purgers:
+        if not await _invalidate_layer(guard, keys, tags, counters):
+            failed.append(guard.name)
+    stack.forget(keys, tags)
+    return failed
+
+
+async def _invalidate_layer(
+    guard: LayerGuard,
+    keys: Sequence[CacheKey],
+    tags: Sequence[Tag],
+    counters: list[int] | None,
+) -> bool:
+    if guard.local:
+        ok = guard.call(
+            "invalidate", "(invalidate)", counters, _drop_local, False, None, (guard, keys, tags)
+        )
+    else:
+        ok = await shared(
+            guard, "(invalidate)", counters, None, "invalidate", _drop, (guard, keys, tags), False
+        )
+    if ok and counters is not None:
+        counters[guard.index * FIELDS + INVALIDATION] += len(keys) + len(tags)
+    return bool(ok)
+
+
+def _drop_local(guard: LayerGuard, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+    if keys:
+        guard.layer.delete(keys)
+    if tags:
+        guard.layer.delete_tags(tags)
+    return True
+
+
+async def _drop(guard: LayerGuard, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+    layer = guard.layer
+    if keys:
+        await layer.adelete(keys)
+    if tags:
+        await layer.adelete_tags(tags)
+    return True
+
+
+async def _publish(stack: LayerStack, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+    """Tell the other replicas to drop ``keys`` and ``tags`` -> whether it was sent."""
+    guard = stack.broadcast_guard
+    if guard is None:
+        return True
+    ok = await shared(
+        guard, "(api)", None, None, "publish", stack.broadcast.apublish, (keys, tags), False
+    )
+    return bool(ok)

@@ -1,0 +1,2 @@
+"""The decorator's wrappers, written once as async; ``scripts/unasync.py`` generates
+``../_sync``."""
