@@ -12,7 +12,6 @@ import pytest
 from tieredcache import LoaderTimeoutError, MemoryLayer, RedisLayer, TieredCache, tenant_scope
 from tieredcache._engine.request import xfetch_due
 from tieredcache.entry import Entry
-from tieredcache._engine.request import xfetch_due
 from tieredcache.testing import FakeClock, wait_until
 
 
