@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The full check: bootstrap, ruff lint, ruff format, unasync (if present), mypy, pytest.
+# The full check: bootstrap, ruff lint, ruff format, unasync (if present), mypy,
+# the import layering (import-linter), pytest.
 # Every step runs; the exit status is non-zero if any failed. Arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,6 +39,7 @@ if [ -f scripts/unasync.py ]; then
     step "unasync --check" .venv/bin/python scripts/unasync.py --check
 fi
 step "mypy" .venv/bin/mypy
+step "import layering (lint-imports)" .venv/bin/lint-imports
 step "pytest" .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 
 echo

@@ -72,6 +72,7 @@ async def load(
     soft: float | None,
     hard: float | None,
     fill: Callable[..., Coroutine[Any, Any, None]],
+    unlock: Callable[[ReadRequest, str], Coroutine[Any, Any, None]],
     leases: list[Any],
     token: str | None,
 ) -> Any:
@@ -99,7 +100,7 @@ async def load(
             if not done.cancelled() and done.exception() is None:
                 work = fill(req, done.result(), time.perf_counter() - start, leases, token)
             elif token is not None:
-                work = _release(req, token)
+                work = unlock(req, token)
             else:
                 background.pending.discard(full)
                 return
@@ -109,12 +110,6 @@ async def load(
         if hard is not None:  # the late load is still bounded
             asyncio.get_running_loop().call_later(hard - soft, task.cancel)
         return SOFT_TIMEOUT
-
-
-async def _release(req: ReadRequest, token: str) -> None:
-    from ._async.read import unlock
-
-    await unlock(req, token)
 
 
 async def _then_discard(work: Coroutine[Any, Any, Any], pending: set[str], key: str) -> None:

@@ -68,6 +68,7 @@ def load(
     soft: float | None,
     hard: float | None,
     fill: Callable[..., None],
+    unlock: Callable[[ReadRequest, str], None],
     leases: list[Any],
     token: str | None,
 ) -> Any:
@@ -86,8 +87,6 @@ def load(
         background.pending.add(full)
 
         def finish(done: concurrent.futures.Future[Any]) -> None:
-            from ._sync.read import unlock
-
             try:
                 if not done.cancelled() and done.exception() is None:
                     fill(req, done.result(), time.perf_counter() - start, leases, token)

@@ -260,7 +260,7 @@ def _start_load(req: ReadRequest, soft: float | None, leases: list[Any], token: 
     hard = req.policy.hard_timeout
     if soft is None and hard is None:
         return req.loader()
-    return backend.load(req, soft, hard, fill, leases, token)
+    return backend.load(req, soft, hard, fill, unlock, leases, token)
 
 
 def _wait_for_fill(req: ReadRequest, leases: list[Any], token: str) -> tuple[Any, Any, Any]:
