@@ -21,7 +21,7 @@ PAIRS = [
 # the sync twin calls the sync method of the same name without the ``a``.
 LAYER_METHODS = (
     "acquire_fill_lock|close|delete|delete_tags|get|get_or_lock_fill|lease|publish"
-    "|release_fill_lock|set|watch_fill_lock"
+    "|record_epochs|release_fill_lock|set|watch_fill_lock"
 )
 SUBS = [
     (r"\bAsync([A-Z]\w*)", r"\1"),

@@ -13,10 +13,10 @@
 Importing the package does no work: no cache, no connection, no thread.
 """
 
-from ._engine.result import InvalidationResult
+from ._engine.result import InvalidationResult, LayerFailure, ReadOutcome
 from ._function.types import AsyncCachedFunction, CachedFunction
 from .breaker import CircuitBreaker
-from .cache import TieredCache
+from .cache import Invalidation, TieredCache
 from .entry import Entry
 from .errors import (
     BackendError,
@@ -29,6 +29,7 @@ from .errors import (
     InvalidTenantError,
     LoaderTimeoutError,
     MissingExtraError,
+    RateLimitedError,
     SerializationError,
     TenantError,
     TenantRequiredError,
@@ -79,10 +80,12 @@ __all__ = [
     "Flusher",
     "InvalidKeyError",
     "InvalidTenantError",
+    "Invalidation",
     "InvalidationLayer",
     "InvalidationResult",
     "Journal",
     "JsonSerializer",
+    "LayerFailure",
     "LayerStats",
     "LoaderStats",
     "LoaderTimeoutError",
@@ -91,6 +94,8 @@ __all__ = [
     "MsgpackSerializer",
     "PickleSerializer",
     "Policy",
+    "RateLimitedError",
+    "ReadOutcome",
     "RedisLayer",
     "RedisStreamJournal",
     "SerializationError",

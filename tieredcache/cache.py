@@ -4,28 +4,65 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from ._engine import _async as engine_async
 from ._engine import _sync as engine_sync
 from ._engine.request import MISSING, ReadRequest
-from ._engine.result import InvalidationResult
+from ._engine.result import InvalidationResult, ReadOutcome
 from ._engine.stack import LayerStack
 from ._function.impl import cached_impl
 from ._function.types import CacheDecorator
-from .errors import ConfigurationError, TenantRequiredError
-from .keys import CacheKey, Tag, make_tags, validate_namespace
-from .layers.base import InvalidationLayer, ReplicaBroadcastLayer, StorageLayer
+from .errors import BackendError, ConfigurationError, TenantRequiredError
+from .keys import CacheKey, Tag, make_tags, validate_namespace, validate_tag_name
+from .layers.base import (
+    InvalidationLayer,
+    NamespaceStateLayer,
+    ReplicaBroadcastLayer,
+    StorageLayer,
+)
 from .metrics import CacheStats, Metrics
 from .policy import Policy
 from .serde import EntryCodec, MsgpackSerializer, Serializer
 from .tenancy import current_tenant, tenant_scope, validate_tenant
 
-__all__ = ["InvalidationResult", "TieredCache"]
+__all__ = ["Invalidation", "InvalidationResult", "TieredCache"]
 
 log = logging.getLogger("tieredcache")
 API_FUNCTION = "(api)"
+BATCH_TENANT = "(batch)"  # the metrics row of cross-tenant batch invalidations
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """One tenant's keys and tags to invalidate, for :meth:`TieredCache.invalidate_many`.
+
+    ``tenant=None`` invalidates ``tags`` for every tenant of the namespace (a
+    truncated table, an event that cannot be mapped to a tenant); it costs O(1)
+    whatever the number of tenants and entries, and takes no ``keys``.
+
+    >>> Invalidation("acme", tags=("product:42",))
+    Invalidation(tenant='acme', keys=(), tags=('product:42',))
+    """
+
+    tenant: str | None
+    keys: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.tenant is None and self.keys:
+            raise ConfigurationError(
+                f"Invalidation for every tenant takes tags only, got keys {list(self.keys)!r}"
+            )
+        for field_name in ("keys", "tags"):
+            value = getattr(self, field_name)
+            if isinstance(value, str):
+                raise ConfigurationError(
+                    f"Invalidation {field_name} must be a sequence of names, not the str {value!r}"
+                )
+            object.__setattr__(self, field_name, tuple(value))
 
 
 class TieredCache:
@@ -60,7 +97,7 @@ class TieredCache:
         breaker_failures: int = 5,
         breaker_reset: float = 5.0,
         max_tenants: int = 100,
-        broadcast: bool = True,
+        broadcast: bool | Literal["publish"] = True,
         background_workers: int = 4,
     ) -> None:
         self.namespace = validate_namespace(namespace)
@@ -94,12 +131,14 @@ class TieredCache:
                 None,
             )
             if carrier is not None:
+                options: dict[str, Any] = {"publish_only": True} if broadcast == "publish" else {}
                 self._replicas = carrier.replicas(
-                    self.namespace, self._stack.drop_local, self._resync
+                    self.namespace, self._stack.drop_local, self._resync, **options
                 )
                 self._stack.attach_broadcast(self._replicas, carrier)
         self._api_counters: dict[str, list[int]] = {}
         self._read_through: dict[str, Any] = {}
+        self._policies: dict[tuple[Any, ...], Policy] = {}
 
     # -- decorators ---------------------------------------------------------
     def cached(
@@ -299,9 +338,7 @@ class TieredCache:
         where an unconfirmed invalidation must be retried.
         """
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
-        return InvalidationResult(
-            engine_sync.invalidate(self._stack, cache_keys, cache_tags, counters)
-        )
+        return engine_sync.invalidate(self._stack, cache_keys, cache_tags, counters)
 
     async def ainvalidate(
         self,
@@ -312,8 +349,157 @@ class TieredCache:
     ) -> InvalidationResult:
         """Async :meth:`invalidate`."""
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
-        failed = await engine_async.invalidate(self._stack, cache_keys, cache_tags, counters)
-        return InvalidationResult(failed)
+        return await engine_async.invalidate(self._stack, cache_keys, cache_tags, counters)
+
+    def _batch(
+        self, items: Iterable[Invalidation]
+    ) -> tuple[list[CacheKey], list[Tag], list[str], list[int]]:
+        keys: dict[CacheKey, None] = {}
+        tags: dict[Tag, None] = {}
+        everywhere: dict[str, None] = {}
+        for item in items:
+            if item.tenant is None:
+                for name in item.tags:
+                    everywhere[validate_tag_name(name)] = None
+                continue
+            tenant = validate_tenant(item.tenant)
+            for key in item.keys:
+                keys[CacheKey(self.namespace, tenant, key)] = None
+            for tag in make_tags(self.namespace, tenant, item.tags):
+                tags[tag] = None
+        counters = self._counters(BATCH_TENANT)
+        return list(keys), list(tags), list(everywhere), counters
+
+    def invalidate_many(
+        self, items: Iterable[Invalidation], *, layers: Collection[str] | None = None
+    ) -> InvalidationResult:
+        """Invalidate many tenants' keys and tags in one call: one round trip per Redis
+        node (keys of one slot in one script, the scripts pipelined), one replica
+        broadcast, one CDN batch; repeated names are sent once.
+
+        ``layers``: only these layer names (``"broadcast"`` for the replicas), to
+        retry what an earlier result reported as failed. Never raises for a failing
+        layer; the result says which failed and why.
+
+        >>> cache.invalidate_many([Invalidation("acme", tags=("product:1",)),
+        ...                        Invalidation(None, tags=("table:public.products",))])
+        ...                                                     # doctest: +SKIP
+        """
+        keys, tags, everywhere, counters = self._batch(items)
+        return engine_sync.invalidate(
+            self._stack, keys, tags, counters, everywhere=everywhere, only=layers
+        )
+
+    async def ainvalidate_many(
+        self, items: Iterable[Invalidation], *, layers: Collection[str] | None = None
+    ) -> InvalidationResult:
+        """Async :meth:`invalidate_many`."""
+        keys, tags, everywhere, counters = self._batch(items)
+        return await engine_async.invalidate(
+            self._stack, keys, tags, counters, everywhere=everywhere, only=layers
+        )
+
+    def check_settings(self) -> list[str]:
+        """Problems that would make this cache's invalidations miss an application's
+        entries: for each shared layer that keeps namespace state, what the
+        application published (namespace, key prefix, tenant slots) differs, or
+        nothing was published. Empty when all agree. For CDC workers (``check``)."""
+        problems: list[str] = []
+        for guard in self._stack.storage:
+            layer = guard.layer
+            if isinstance(layer, NamespaceStateLayer):
+                try:
+                    problems += layer.check_settings(self.namespace)
+                except BackendError as exc:
+                    problems.append(f"layer {guard.name!r}: cannot read its settings: {exc}")
+        return problems
+
+    # -- get-or-load for loaders that are not decorated ---------------------------
+    def _policy(self, ttl: float, options: dict[str, Any]) -> Policy:
+        marker = (ttl, *sorted(options.items()))
+        policy = self._policies.get(marker)
+        if policy is None:
+            try:
+                policy = Policy(ttl=ttl, **options)
+            except TypeError as exc:
+                raise ConfigurationError(f"get_or_load(): {exc}") from None
+            if len(self._policies) < 1024:
+                self._policies[marker] = policy
+        return policy
+
+    def _load_request(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float,
+        tags: Iterable[str],
+        tenant: str | None,
+        name: str,
+        options: dict[str, Any],
+    ) -> ReadRequest:
+        scoped = self._tenant(tenant, name)
+        self._stack.start()
+        return ReadRequest(
+            self._stack,
+            CacheKey(self.namespace, scoped, key),
+            make_tags(self.namespace, scoped, tags),
+            policy=self._policy(ttl, options),
+            function=name,
+            counters=self._counters(scoped)
+            if name == API_FUNCTION
+            else self._metrics.counters(name, scoped),
+            loader=loader,
+            decode=self._codec.serializer.decoder(Any),
+        )
+
+    def _outcome(self, req: ReadRequest) -> ReadOutcome:
+        entry = req.answered_entry
+        if entry is None:
+            return ReadOutcome("miss")
+        layer = self._stack.storage[req.answered].name
+        now = self.clock()
+        age = max(0.0, now - entry.created_at)
+        return ReadOutcome("hit" if entry.fresh_until > now else "stale", layer, age)
+
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        tenant: str | None = None,
+        name: str = API_FUNCTION,
+        **policy: Any,
+    ) -> tuple[Any, ReadOutcome]:
+        """The value under ``key``, loaded with ``loader`` on a miss (one load per key
+        across callers and processes, as for decorated functions), and what the read
+        found: a hit in which layer, a stale entry, or a miss; and the entry's age.
+        ``name`` files the metrics; further keyword arguments are Policy fields.
+
+        >>> body, outcome = cache.get_or_load("page:/", render, ttl=30)   # doctest: +SKIP
+        >>> outcome.state, outcome.layer                                   # doctest: +SKIP
+        ('hit', 'memory')
+        """
+        req = self._load_request(key, loader, ttl, tags, tenant, name, policy)
+        value = engine_sync.read(req)
+        return value, self._outcome(req)
+
+    async def aget_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        tenant: str | None = None,
+        name: str = API_FUNCTION,
+        **policy: Any,
+    ) -> tuple[Any, ReadOutcome]:
+        """Async :meth:`get_or_load`; ``loader`` is an async function."""
+        req = self._load_request(key, loader, ttl, tags, tenant, name, policy)
+        value = await engine_async.read(req)
+        return value, self._outcome(req)
 
     # -- broadcast -------------------------------------------------------------
     def _resync(self) -> None:

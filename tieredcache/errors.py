@@ -16,7 +16,8 @@ Errors from redis-py, confluent-kafka or httpx are translated at the edge with
     │   └── DecodeError             a stored entry that fails to verify or decode
     ├── BackendError                a layer (Redis, CDN) failed; carries layer and operation
     │   ├── BackendUnavailableError the layer's circuit breaker is open
-    │   └── BackendTimeoutError     the layer did not answer in time
+    │   ├── BackendTimeoutError     the layer did not answer in time
+    │   └── RateLimitedError        the layer refused for now (a CDN's 429): not a fault
     ├── LoaderTimeoutError          the loader exceeded its hard timeout and no stale value exists
     └── WriteBackError              the write-back journal failed or holds a bad entry
 """
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidTenantError",
     "LoaderTimeoutError",
     "MissingExtraError",
+    "RateLimitedError",
     "SerializationError",
     "TenantError",
     "TenantRequiredError",
@@ -115,6 +117,15 @@ class BackendUnavailableError(BackendError):
 
 class BackendTimeoutError(BackendError):
     """The layer did not answer within its timeout."""
+
+
+class RateLimitedError(BackendError):
+    """The layer refused the call for now (a CDN's 429, a client-side budget): send it
+    again after ``retry_after`` seconds. Not a fault: it does not trip the breaker."""
+
+    def __init__(self, layer: str, operation: str, detail: str, retry_after: float) -> None:
+        super().__init__(layer, operation, detail)
+        self.retry_after = retry_after
 
 
 class LoaderTimeoutError(TieredCacheError, TimeoutError):

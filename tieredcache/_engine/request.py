@@ -38,6 +38,7 @@ __all__ = [
     "decode_entry",
     "fill_token",
     "make_entry",
+    "predates_epoch",
     "xfetch_band_start",
     "xfetch_due",
 ]
@@ -65,6 +66,8 @@ class ReadRequest:
 
     __slots__ = (
         "alias",
+        "answered",
+        "answered_entry",
         "counters",
         "decode",
         "failed",
@@ -118,6 +121,10 @@ class ReadRequest:
         self.stale_position = 0
         # The shared fill was refused by its lease (see Refused).
         self.refused = False
+        # What answered the call, for a read that reports its outcome: the storage
+        # position and entry of a hit or a stale read (-1: loaded, or coalesced).
+        self.answered = -1
+        self.answered_entry: Entry | None = None
 
     @property
     def now(self) -> float:
@@ -131,6 +138,18 @@ def claim_refresh(req: ReadRequest) -> bool:
         return False
     req.counters[req.loader_base + REFRESHES] += 1
     return True
+
+
+def predates_epoch(req: ReadRequest, entry: Entry) -> bool:
+    """Whether ``entry``'s load began before an all-tenant invalidation of one of the
+    request's tag names (see ``LayerStack.epochs``): such an entry is not served."""
+    epochs = req.stack.epochs
+    started = entry.created_at - entry.compute_time
+    for tag in req.tags:
+        at = epochs.get(tag.name)
+        if at is not None and started <= at:
+            return True
+    return False
 
 
 def count(req: ReadRequest, position: int, field: int) -> None:

@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ..breaker import CLOSED_TICKET, CircuitBreaker
-from ..errors import BackendError, ConfigurationError
+from ..errors import BackendError, ConfigurationError, RateLimitedError
 from ..keys import CacheKey, Tag
-from ..layers.base import FillLockLayer, InProcessLayer, InvalidationLayer, SharedLayer
+from ..layers.base import (
+    FillLockLayer,
+    InProcessLayer,
+    InvalidationLayer,
+    NamespaceStateLayer,
+    SharedLayer,
+)
 from ..metrics import ERROR, FIELDS, Metrics
 from ..serde import EntryCodec
 from ._background import Background
 from ._singleflight import AsyncSingleFlight, SingleFlight
 
-__all__ = ["Broadcast", "LayerGuard", "LayerStack"]
+__all__ = ["ALL_TENANTS", "Broadcast", "LayerGuard", "LayerStack"]
+
+ALL_TENANTS = "*"  # the tenant of a tag invalidated for every tenant (never a real tenant)
 
 log = logging.getLogger("tieredcache")
 T = TypeVar("T")
@@ -116,7 +124,10 @@ class LayerGuard:
         ticket: int,
     ) -> None:
         if self.breaker is not None:
-            self.breaker.failure(ticket)
+            if isinstance(exc, RateLimitedError):
+                self.breaker.success(ticket)  # it answered: a rate limit is not a fault
+            else:
+                self.breaker.failure(ticket)
         if counters is not None:
             counters[self.index * FIELDS + ERROR] += 1
         log.warning("tieredcache layer %s %s failed: %s", self.name, operation, exc)
@@ -223,6 +234,17 @@ class LayerStack:
         self.broadcast: Broadcast = _NoBroadcast()
         # The guard of the layer that carries the broadcast (its breaker and errors).
         self.broadcast_guard: LayerGuard | None = None
+        # All-tenant invalidations: tag name -> the wall time it was invalidated for
+        # every tenant. An entry carrying such a tag whose load began before that
+        # time is not served (checked on every read of a layer, O(tags) and only
+        # while this map is not empty), so invalidating a tag or a table for all
+        # tenants costs O(1) wherever it happens: no scan of any layer. Shared by
+        # every process through the namespace-state layer and the broadcast.
+        self.epochs: dict[str, float] = {}
+        self.state_guard: LayerGuard | None = next(
+            (g for g in storage if isinstance(g.layer, NamespaceStateLayer)), None
+        )
+        self._started = False
 
     def attach_broadcast(self, broadcast: Broadcast, carrier: Any) -> None:
         """Send invalidations to the replicas over ``broadcast``, which ``carrier`` (one
@@ -248,8 +270,50 @@ class LayerStack:
             self.flights.forget(full_keys, tag_names)
             self.async_flights.forget(full_keys, tag_names)
 
+    def start(self, counters: list[int] | None = None) -> None:
+        """On a process's first miss: subscribe to the replica broadcast, learn the
+        all-tenant invalidations made before this process started, and publish the
+        keyspace settings for CDC workers to check (one round trip)."""
+        if self._started:
+            return
+        self._started = True
+        self.broadcast.notifier()
+        self.load_state(publish=True, counters=counters)
+
+    def load_state(self, publish: bool = False, counters: list[int] | None = None) -> None:
+        guard = self.state_guard
+        if guard is None:
+            return
+        epochs = guard.call(
+            "epochs",
+            "(api)",
+            counters,
+            guard.layer.load_epochs,
+            None,
+            None,
+            (self.namespace, publish),
+        )
+        if epochs:
+            self.apply_epochs(epochs)
+
+    def apply_epochs(self, epochs: Mapping[str, float]) -> None:
+        """Tags invalidated for every tenant (name -> when): entries of theirs whose
+        load began before are not served; the in-process layers drop them now."""
+        for name, at in epochs.items():
+            if at > self.epochs.get(name, 0.0):
+                self.epochs[name] = at
+        for layer in self.memories:
+            layer.clear()
+        self.forget(everything=True)
+
     def drop_local(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
-        """Another replica invalidated these: drop them from the in-process layers."""
+        """Another replica invalidated these: drop them from the in-process layers.
+        A tag of tenant ``*`` was invalidated for every tenant."""
+        everywhere = [tag.name for tag in tags if tag.tenant == ALL_TENANTS]
+        if everywhere:
+            now = self.clock()
+            self.apply_epochs(dict.fromkeys(everywhere, now))
+            tags = [tag for tag in tags if tag.tenant != ALL_TENANTS]
         for layer in self.memories:
             if keys:
                 layer.delete(keys)
@@ -258,8 +322,9 @@ class LayerStack:
         self.forget(keys, tags)
 
     def resync(self) -> None:
-        """Invalidations may have been missed: clear the in-process layers, and no
-        later caller joins a load that began before."""
+        """Invalidations may have been missed: clear the in-process layers, learn the
+        all-tenant invalidations again, and no later caller joins a load from before."""
         for layer in self.memories:
             layer.clear()
         self.forget(everything=True)
+        self.load_state()

@@ -205,19 +205,17 @@ class CachedImpl:
         """Drop the entry for these arguments from every layer and replica."""
         tenant = self.tenant(args, kwargs)
         key = self.cache_key(tenant, args, kwargs)
-        failed = engine_sync.invalidate(self.stack, [key], (), self.counters_for(tenant))
-        return InvalidationResult(failed)
+        return engine_sync.invalidate(self.stack, [key], (), self.counters_for(tenant))
 
     async def ainvalidate(self, *args: Any, **kwargs: Any) -> InvalidationResult:
         """Async :meth:`invalidate`."""
         tenant = self.tenant(args, kwargs)
         key = self.cache_key(tenant, args, kwargs)
-        failed = await engine_async.invalidate(self.stack, [key], (), self.counters_for(tenant))
-        return InvalidationResult(failed)
+        return await engine_async.invalidate(self.stack, [key], (), self.counters_for(tenant))
 
     def _started(self, req: ReadRequest) -> ReadRequest:
         # Writes and refreshes may wait on fill wake-ups: the subscriber is up first.
-        self.stack.broadcast.notifier()
+        self.stack.start()
         return req
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ layer's breaker and carries on with the next layer or the loader.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Hashable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..entry import Entry
@@ -42,6 +42,7 @@ __all__ = [
     "FillLockLayer",
     "InProcessLayer",
     "InvalidationLayer",
+    "NamespaceStateLayer",
     "ReplicaBroadcastLayer",
     "SharedLayer",
     "StorageLayer",
@@ -212,11 +213,32 @@ class ReplicaBroadcastLayer(Protocol):
         namespace: str,
         on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
         on_resync: Callable[[], None],
+        **options: Any,
     ) -> Any:
         """The namespace's broadcast: ``notifier()``, ``publish``/``apublish``,
         ``connect(timeout)``, ``stop()``. ``on_invalidate`` receives what other
         replicas invalidated; ``on_resync`` is called when some may have been missed."""
         ...
+
+
+@runtime_checkable
+class NamespaceStateLayer(Protocol):
+    """A shared layer that keeps a namespace's state for every process: the
+    all-tenant invalidations (tag name -> when; see ``LayerStack.epochs``) and the
+    keyspace settings an application publishes for CDC workers to check."""
+
+    def record_epochs(self, namespace: str, epochs: Mapping[str, float]) -> bool: ...
+
+    async def arecord_epochs(self, namespace: str, epochs: Mapping[str, float]) -> bool: ...
+
+    def load_epochs(self, namespace: str, publish_settings: bool = False) -> dict[str, float]:
+        """The all-tenant invalidations; with ``publish_settings``, also publish this
+        application's keyspace settings, in the same round trip."""
+        ...
+
+    def publish_settings(self, namespace: str) -> None: ...
+
+    def check_settings(self, namespace: str) -> list[str]: ...
 
 
 # A layer that stores entries, in this process or shared: what ``TieredCache``

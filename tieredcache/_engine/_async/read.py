@@ -56,6 +56,7 @@ from ..request import (
     decode_entry,
     fill_token,
     make_entry,
+    predates_epoch,
     xfetch_band_start,
     xfetch_due,
 )
@@ -173,8 +174,11 @@ async def _walk(req: ReadRequest, leases: list[Any], fuse: bool) -> tuple[bool, 
             # their lease later, so the generation this delete bumps is included.)
             count(req, position, ERROR)
             await _delete(req, position, force=False)
+        if entry is not None and stack.epochs and predates_epoch(req, entry):
+            entry = None  # its load began before an all-tenant invalidation of a tag
         if entry is not None and entry.fresh_until > now:
             count(req, position, HIT)
+            req.answered, req.answered_entry = position, entry
             await _backfill(req, entry, leases, position)
             if xfetch_due(entry, now, req.policy.early_refresh_beta):
                 backend.spawn_refresh(req, refresh, entry.created_at)
@@ -200,14 +204,12 @@ async def _miss(req: ReadRequest, leases: list[Any], stale: Entry | None) -> Any
     stack, policy = req.stack, req.policy
     if stale is not None:
         if stack.clock() < stale.fresh_until + policy.stale_while_revalidate:
-            count(req, req.stale_position, STALE)
             backend.spawn_refresh(req, refresh, stale.created_at)
-            return stale.value
+            return _serve_stale(req, stale)
         if req.key.full in stack.background.pending:
             # A load that outlived its soft timeout is still running: serve stale
             # until it lands rather than start another one.
-            count(req, req.stale_position, STALE)
-            return stale.value
+            return _serve_stale(req, stale)
     token: str | None = None
     lock = stack.lock
     if lock is not None and policy.lock:
@@ -222,8 +224,7 @@ async def _miss(req: ReadRequest, leases: list[Any], stale: Entry | None) -> Any
             if found is not MISSING:
                 return found
             if got is False and stale is not None:
-                count(req, req.stale_position, STALE)
-                return stale.value
+                return _serve_stale(req, stale)
         if got:
             leases[lock] = lease
         else:
@@ -240,15 +241,20 @@ async def _miss(req: ReadRequest, leases: list[Any], stale: Entry | None) -> Any
         req.counters[req.loader_base + failure] += 1
         if stale is not None and stale.stale_until > stack.clock():
             await _throttle(req, stale, leases)
-            count(req, req.stale_position, STALE)
-            return stale.value
+            return _serve_stale(req, stale)
         raise
     if loaded is SOFT_TIMEOUT:
         req.counters[req.loader_base + LOAD_TIMEOUTS] += 1
-        count(req, req.stale_position, STALE)
-        return stale.value  # type: ignore[union-attr]
+        assert stale is not None  # a soft timeout is only set with a stale entry
+        return _serve_stale(req, stale)
     await fill(req, loaded, time.perf_counter() - start, leases, token)
     return loaded
+
+
+def _serve_stale(req: ReadRequest, stale: Entry) -> Any:
+    count(req, req.stale_position, STALE)
+    req.answered, req.answered_entry = req.stale_position, stale
+    return stale.value
 
 
 def _start_load(req: ReadRequest, soft: float | None, leases: list[Any], token: str | None) -> Any:
@@ -285,6 +291,7 @@ async def _wait_for_fill(req: ReadRequest, leases: list[Any], token: str) -> tup
         entry = decode_entry(req, position, stored)
         if entry is not None and entry.fresh_until > stack.clock():
             count(req, position, HIT)
+            req.answered, req.answered_entry = position, entry
             await _backfill(req, entry, leases, position)
             return got, lease, entry.value
         got, lease = await _lock(req, token)

@@ -30,17 +30,23 @@ def shared(
     method: Callable[..., Any],
     args: tuple[Any, ...],
     default: Any,
+    errors: list[BaseException | None] | None = None,
 ) -> Any:
     """``method(*args)`` on ``guard``'s layer, or ``default`` if it fails or is
-    skipped. ``failed``: the request's positions that failed it already."""
+    skipped. ``failed``: the request's positions that failed it already. ``errors``
+    receives the exception of a failed call (None if it was not tried)."""
     ticket = guard.admit(failed)
     if ticket is None:
+        if errors is not None:
+            errors.append(None)
         return default
     start = time.perf_counter()
     try:
         result = method(*args)
     except BackendError as exc:
         guard.errored(operation, counters, failed, exc, ticket)
+        if errors is not None:
+            errors.append(exc)
         return default
     except BaseException:
         guard.abandoned(ticket)  # a cancelled call still settles a breaker probe

@@ -18,14 +18,15 @@ Written once, as async; ``scripts/unasync.py`` generates ``_sync/write.py``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from ...entry import Entry
 from ...keys import CacheKey, Tag
 from ...metrics import FIELDS, INVALIDATION
 from ..request import ReadRequest, make_entry
-from ..stack import LayerGuard, LayerStack
+from ..result import InvalidationResult, LayerFailure, failure_of
+from ..stack import ALL_TENANTS, LayerGuard, LayerStack
 from .calls import shared
 from .read import _delete, _missing_leases, _start_load, store
 
@@ -76,20 +77,58 @@ def invalidate(
     keys: Sequence[CacheKey],
     tags: Sequence[Tag],
     counters: list[int] | None = None,
-) -> list[str]:
-    """Drop keys and tags from every layer and every replica -> names of the layers
-    that did not confirm it (``"broadcast"`` for the replicas)."""
-    failed = []
+    *,
+    everywhere: Sequence[str] = (),
+    only: Collection[str] | None = None,
+) -> InvalidationResult:
+    """Drop keys and tags from every layer and every replica.
+
+    ``everywhere``: tag names invalidated for every tenant of the namespace, in
+    O(1): recorded as an epoch (see ``LayerStack.epochs``) here, in the
+    namespace-state layer and on every replica, and purged from invalidation-only
+    layers as the tenant-less tag ``namespace:*:name``. ``only``: the names of the
+    layers to reach (``"broadcast"`` for the replicas), to retry what failed.
+    """
+    failures: list[LayerFailure] = []
+    errors: list[BaseException | None] = []
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    all_tags = list(tags)
+    if everywhere:
+        now = stack.clock()
+        epochs = dict.fromkeys(everywhere, now)
+        stack.apply_epochs(epochs)  # this process first: it stops serving them at once
+        guard = stack.state_guard
+        if guard is not None and wanted(guard.name):
+            recorded = shared(
+                guard,
+                "(invalidate)",
+                counters,
+                None,
+                "epochs",
+                guard.layer.record_epochs,
+                (stack.namespace, epochs),
+                False,
+                errors,
+            )
+            if not recorded:
+                failures.append(failure_of(guard.name, errors[-1]))
+        all_tags += [Tag(stack.namespace, ALL_TENANTS, name) for name in everywhere]
     for guard in reversed(stack.storage):
-        if not _invalidate_layer(guard, keys, tags, counters):
-            failed.append(guard.name)
-    if not _publish(stack, keys, tags):
-        failed.append(BROADCAST)
+        if wanted(guard.name) and not _invalidate_layer(guard, keys, tags, counters, errors):
+            failures.append(failure_of(guard.name, errors[-1]))
+    if wanted(BROADCAST) and not _publish(stack, keys, all_tags, errors):
+        failures.append(failure_of(BROADCAST, errors[-1]))
     for guard in stack.purgers:
-        if not _invalidate_layer(guard, keys, tags, counters):
-            failed.append(guard.name)
+        if wanted(guard.name) and not _invalidate_layer(
+            guard, keys, all_tags, counters, errors
+        ):
+            failures.append(failure_of(guard.name, errors[-1]))
     stack.forget(keys, tags)
-    return failed
+    failed = list(dict.fromkeys(f.layer for f in failures))
+    return InvalidationResult(failed, failures)
 
 
 def _invalidate_layer(
@@ -97,14 +136,25 @@ def _invalidate_layer(
     keys: Sequence[CacheKey],
     tags: Sequence[Tag],
     counters: list[int] | None,
+    errors: list[BaseException | None],
 ) -> bool:
+    if not keys and not tags:
+        return True
     if guard.local:
         ok = guard.call(
             "invalidate", "(invalidate)", counters, _drop_local, False, None, (guard, keys, tags)
         )
     else:
         ok = shared(
-            guard, "(invalidate)", counters, None, "invalidate", _drop, (guard, keys, tags), False
+            guard,
+            "(invalidate)",
+            counters,
+            None,
+            "invalidate",
+            _drop,
+            (guard, keys, tags),
+            False,
+            errors,
         )
     if ok and counters is not None:
         counters[guard.index * FIELDS + INVALIDATION] += len(keys) + len(tags)
@@ -128,12 +178,25 @@ def _drop(guard: LayerGuard, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> b
     return True
 
 
-def _publish(stack: LayerStack, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+def _publish(
+    stack: LayerStack,
+    keys: Sequence[CacheKey],
+    tags: Sequence[Tag],
+    errors: list[BaseException | None] | None = None,
+) -> bool:
     """Tell the other replicas to drop ``keys`` and ``tags`` -> whether it was sent."""
     guard = stack.broadcast_guard
-    if guard is None:
+    if guard is None or (not keys and not tags):
         return True
     ok = shared(
-        guard, "(api)", None, None, "publish", stack.broadcast.publish, (keys, tags), False
+        guard,
+        "(api)",
+        None,
+        None,
+        "publish",
+        stack.broadcast.publish,
+        (keys, tags),
+        False,
+        errors,
     )
     return bool(ok)

@@ -37,7 +37,7 @@ def miss(
     """Not (fresh) in the in-process layer: the engine's read. A plain function that
     hands back the engine's coroutine: no frame of its own stays alive while it runs."""
     req = impl.request(tenant, alias, args, kwargs)
-    impl.stack.broadcast.notifier()  # the replica subscription is up before a fill
+    impl.stack.start(req.counters)  # the replica subscription is up before a fill
     return read(req)
 
 

@@ -1,6 +1,6 @@
-"""Errors of the CDN purge layer (to move into :mod:`tieredcache.errors`).
+"""Errors of the CDN purge layer.
 
-``PurgeRateLimitedError`` is a :class:`~tieredcache.errors.BackendError`: the
+``PurgeRateLimitedError`` is a :class:`~tieredcache.errors.RateLimitedError`: the
 vendor (or our client-side token bucket) refused the purge for now. It is not a
 fault: the purge is idempotent and can be sent again after ``retry_after`` seconds.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...errors import BackendError
+from ...errors import RateLimitedError
 
 __all__ = ["PurgeRateLimitedError"]
 
 
-class PurgeRateLimitedError(BackendError):
+class PurgeRateLimitedError(RateLimitedError):
     """A purge was rate limited; send ``keys`` again after ``retry_after`` seconds.
 
     >>> err = PurgeRateLimitedError("cdn", "purge", 2.5, ["shop:acme:p"])
@@ -27,6 +27,6 @@ class PurgeRateLimitedError(BackendError):
             layer,
             operation,
             f"rate limited: {len(keys)} keys not purged, retry after {retry_after:.3g}s",
+            retry_after,
         )
-        self.retry_after = retry_after
         self.keys = tuple(keys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -217,17 +217,76 @@ class RedisLayer:
         socket_timeout, connect_timeout = self._timeouts
         return socket_timeout + connect_timeout
 
+    # -- namespace state: all-tenant invalidations, published settings -----------
+    def record_epochs(self, namespace: str, epochs: Mapping[str, float]) -> bool:
+        """Remember all-tenant invalidations (tag name -> when) for processes that
+        start or resubscribe later; see ``LayerStack.epochs``."""
+        self.sync_store().hash_set(self.keyspace.epochs(namespace), _floats(epochs))
+        return True
+
+    async def arecord_epochs(self, namespace: str, epochs: Mapping[str, float]) -> bool:
+        await self.async_store().hash_set(self.keyspace.epochs(namespace), _floats(epochs))
+        return True
+
+    def load_epochs(self, namespace: str, publish_settings: bool = False) -> dict[str, float]:
+        """The all-tenant invalidations of ``namespace``; with ``publish_settings``, also
+        publish this application's keyspace settings (one round trip for both)."""
+        store, keyspace = self.sync_store(), self.keyspace
+        if publish_settings:
+            raw = store.hash_get_then_set(
+                keyspace.epochs(namespace), keyspace.settings(namespace), self.settings()
+            )
+        else:
+            raw = store.hash_get(keyspace.epochs(namespace))
+        return {name: float(at) for name, at in raw.items()}
+
+    def settings(self) -> dict[str, str]:
+        """The keyspace settings that decide Redis names: a worker must use the same."""
+        return {
+            "key_prefix": self.keyspace.prefix,
+            "tenant_slots": str(self.keyspace.tenant_slots),
+            "cluster": "1" if self.cluster else "0",
+        }
+
+    def publish_settings(self, namespace: str) -> None:
+        """Publish this application's keyspace settings for ``namespace`` (read by
+        :meth:`check_settings` in a CDC worker)."""
+        self.sync_store().hash_set(self.keyspace.settings(namespace), self.settings())
+
+    def check_settings(self, namespace: str) -> list[str]:
+        """Problems that would make this layer invalidate names nobody reads: what an
+        application published for ``namespace`` under this key prefix differs, or
+        nothing was published (another prefix or namespace?)."""
+        published = self.sync_store().hash_get(self.keyspace.settings(namespace))
+        if not published:
+            return [
+                f"layer {self.name!r}: no application published keyspace settings for "
+                f"namespace {namespace!r} under key prefix {self.keyspace.prefix!r} "
+                "(check namespace and key_prefix, or start the application first)"
+            ]
+        problems = []
+        for field, mine in self.settings().items():
+            theirs = published.get(field)
+            if theirs is not None and theirs != mine:
+                problems.append(
+                    f"layer {self.name!r}: {field} is {mine!r} here but {theirs!r} in the "
+                    f"application (namespace {namespace!r}): invalidations would miss its keys"
+                )
+        return problems
+
     # -- replica broadcast ----------------------------------------------------
     def replicas(
         self,
         namespace: str,
         on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
         on_resync: Callable[[], None],
+        **options: Any,
     ) -> Replicas:
-        """The pub/sub broadcast of ``namespace`` over this Redis (see ``broadcast.py``)."""
+        """The pub/sub broadcast of ``namespace`` over this Redis (see ``broadcast.py``);
+        ``publish_only=True``: send invalidations, run no subscriber (a CDC worker)."""
         from .broadcast import Replicas
 
-        return Replicas(self, namespace, on_invalidate, on_resync)
+        return Replicas(self, namespace, on_invalidate, on_resync, **options)
 
     # -- leases and TTLs -----------------------------------------------------
     def _px(self, entry: Entry) -> int:
@@ -396,6 +455,10 @@ class RedisLayer:
         if store is not None:
             await store.close()
         self.close()
+
+
+def _floats(epochs: Mapping[str, float]) -> dict[str, str]:
+    return {name: repr(float(at)) for name, at in epochs.items()}
 
 
 def _is_cluster_client(client: Any) -> bool:

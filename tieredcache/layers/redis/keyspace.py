@@ -72,6 +72,15 @@ class RedisKeyspace:
         """Where a released fill lock wakes its waiters (see ``broadcast.py``)."""
         return fills_channel(self.prefix, namespace)
 
+    def epochs(self, namespace: str) -> str:
+        """The hash of a namespace's all-tenant invalidations: tag name -> when."""
+        return f"{self.prefix}:epochs:{namespace}"
+
+    def settings(self, namespace: str) -> str:
+        """The hash in which an application publishes its keyspace settings, so that
+        a CDC worker can check it invalidates the same names."""
+        return f"{self.prefix}:settings:{namespace}"
+
     def tag_names_in(self, slot: str, tags: Sequence[Tag]) -> tuple[list[str], list[str]]:
         """Tag-set names and tag-generation names of ``tags`` within one slot."""
         if not tags:

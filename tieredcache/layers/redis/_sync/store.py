@@ -233,6 +233,10 @@ def _wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisStore:
     """The Redis commands of the layer on one redis-py client (standalone or cluster)."""
 
@@ -500,6 +504,33 @@ class RedisStore:
             self.client.publish(channel, message)
         except ERRORS as exc:
             raise translate(self.layer, "publish", exc) from exc
+
+    def hash_set(self, name: str, mapping: dict[str, str]) -> None:
+        """HSET ``mapping`` into the hash ``name`` (namespace state: epochs, settings)."""
+        try:
+            self.client.hset(name, mapping=mapping)
+        except ERRORS as exc:
+            raise translate(self.layer, "hset", exc) from exc
+
+    def hash_get(self, name: str) -> dict[str, str]:
+        try:
+            raw = self.client.hgetall(name)
+        except ERRORS as exc:
+            raise translate(self.layer, "hgetall", exc) from exc
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def hash_get_then_set(
+        self, get_name: str, set_name: str, mapping: dict[str, str]
+    ) -> dict[str, str]:
+        """HGETALL ``get_name`` and HSET ``mapping`` into ``set_name``, one round trip."""
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(get_name)
+                pipe.hset(set_name, mapping=mapping)
+                raw, _ = pipe.execute()
+        except ERRORS as exc:
+            raise translate(self.layer, "hgetall", exc) from exc
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     def ping(self) -> bool:
         try:
