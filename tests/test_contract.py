@@ -1,7 +1,9 @@
-"""The storage-layer contract: the same tests against memory, Redis and Redis Cluster.
+"""The storage-layer contract: the same tests against memory, Redis and Redis Cluster,
+and a third-party layer written from the Protocols alone (tests/dict_layer.py).
 
 One parametrized ``layer`` fixture yields a :class:`MemoryLayer` (with an
-injected timer), a standalone :class:`RedisLayer` and a Redis Cluster
+injected timer), a dict-backed shared layer that subclasses nothing of
+tieredcache, a standalone :class:`RedisLayer` and a Redis Cluster
 :class:`RedisLayer`; the ``ops`` adapter runs every test once through the sync
 methods (``get``, ``set``, ...) and once through their async twins (``aget``,
 ``aset``, ...). Values cross the layer as the cache would hand them over: the
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.dict_layer import DictSharedLayer
 from tieredcache import CacheKey, Entry, MemoryLayer, MsgpackSerializer, RedisLayer, Tag
 from tieredcache.layers.base import StorageLayer
 from tieredcache.serde import EntryCodec
@@ -40,15 +43,18 @@ def tag(name: str, tenant: str = "acme") -> Tag:
 @pytest.fixture(
     params=[
         "memory",
+        "third-party",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("cluster", marks=pytest.mark.cluster),
     ]
 )
 def layer(request: pytest.FixtureRequest) -> Iterator[StorageLayer]:
     """The layer under contract: in-process, standalone Redis or Redis Cluster (emptied)."""
-    made: MemoryLayer | RedisLayer
+    made: MemoryLayer | RedisLayer | DictSharedLayer
     if request.param == "memory":
         made = MemoryLayer(maxsize=1_000, timer=FakeClock())
+    elif request.param == "third-party":
+        made = DictSharedLayer(timer=FakeClock())
     elif request.param == "redis":
         made = RedisLayer(url=request.getfixturevalue("redis_url"))
     else:
