@@ -50,6 +50,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 [ -x "$PG_INITDB" ] || missing+=(postgresql-15)
 command -v varnishd >/dev/null 2>&1 || missing+=(varnish)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the HTTP benchmark's load generator
 [ -n "$(find /usr/lib -path '*varnish*/vmods/libvmod_xkey.so' -print -quit 2>/dev/null)" ] \
     || missing+=(varnish-modules)
 if [ "${#missing[@]}" -gt 0 ]; then
