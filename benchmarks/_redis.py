@@ -143,8 +143,14 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 # the method that sends one command, the method that makes one socket write). The first
 # that imports is counted; the report says when none did (the library moved them).
 FAST_PATHS = {
-    "async": [("tieredcache.layers.multiplex", "MultiplexedConnection", "execute", "_write")],
-    "sync": [("tieredcache.layers.direct", "DirectConnections", "execute", "_round_trip")],
+    "async": [
+        ("tieredcache.layers.redis.wire.multiplex", "MultiplexedConnection", "execute", "_write"),
+        ("tieredcache.layers.multiplex", "MultiplexedConnection", "execute", "_write"),
+    ],
+    "sync": [
+        ("tieredcache.layers.redis.wire.direct", "DirectConnections", "execute", "_round_trip"),
+        ("tieredcache.layers.direct", "DirectConnections", "execute", "_round_trip"),
+    ],
 }
 
 

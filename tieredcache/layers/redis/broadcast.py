@@ -16,6 +16,24 @@ before it is subscribed and while a broken subscription reconnects, so when
 the subscription comes up late or comes back, the in-process layers are
 cleared: a cold L1 is slower, a stale one is wrong. ``TieredCache.connect()``
 subscribes up front.
+
+Liveness. A subscription can die silently: behind a NAT or a load balancer that
+forgets the flow, the socket stays open and simply receives nothing (half-open
+TCP), and a subscriber that only listens would wait forever while every other
+replica's invalidations are lost. So the subscriber PINGs on its own connection
+every ``ping_interval`` seconds; a PONG that does not come back within
+``ping_timeout`` (or subscription confirmations that do not, when subscribing)
+declares the subscription dead: ``on_down`` is called at once, the connection is
+torn down and made again, and once the new subscription is confirmed the
+in-process layers are resynced and ``on_up`` is called. Between the two, this
+process has no way to hear invalidations, so whoever wires ``on_down`` should
+stop serving from (and filling) its in-process layers. TCP keepalive is set on
+the subscription's socket as well, so the kernel also notices a dead peer. A
+message on the invalidation channel that cannot be decoded triggers a resync
+too: what it said is unknown, so anything may be stale.
+
+``publish_only=True`` (the CDC worker): invalidations are published, and no
+subscriber thread is ever started.
 """
 
 from __future__ import annotations
@@ -23,7 +41,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,8 +98,25 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _SubscriptionLostError(Exception):
+    """The subscription did not prove itself alive in time (internal: it reconnects)."""
+
+
+def _call(callback: Callable[[], None], what: str) -> None:
+    try:
+        callback()
+    except Exception:  # a broken callback must not stop the subscriber thread
+        log.exception("tieredcache broadcast %s callback failed", what)
+
+
 class Notifier:
-    """The subscriber thread of one cache; see the module docstring."""
+    """The subscriber thread of one cache; see the module docstring.
+
+    ``on_resync(reason)``: invalidations may have been missed (``reason`` is None
+    for the first subscription, which the caller may skip if nothing was cached
+    before it). ``on_down()`` / ``on_up()``: the subscription stopped / started
+    being proven alive (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -88,10 +125,17 @@ class Notifier:
         prefix: str,
         namespace: str,
         on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
-        on_resync: Callable[[bool], None],
+        on_resync: Callable[[str | None], None],
         on_error: Callable[[], None] = lambda: None,
+        on_down: Callable[[], None] = lambda: None,
+        on_up: Callable[[], None] = lambda: None,
         reconnect_delay: float = 0.5,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 1.0,
+        keepalive: bool = True,
     ) -> None:
+        if ping_interval <= 0 or ping_timeout <= 0:
+            raise ValueError("ping_interval and ping_timeout must be positive")
         self.origin = uuid.uuid4().hex
         self.inval_channel = invalidation_channel(prefix, namespace)
         self.fills_channel = fills_channel(prefix, namespace)
@@ -99,13 +143,29 @@ class Notifier:
         self._on_invalidate = on_invalidate
         self._on_resync = on_resync
         self._on_error = on_error
+        self._on_down = on_down
+        self._on_up = on_up
         self._reconnect_delay = reconnect_delay
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.keepalive = keepalive
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set while the subscription is proven alive
         self._thread: threading.Thread | None = None
+        self._pings = 0
+        # Counters, for tests and metrics: resyncs after the first subscription,
+        # subscriptions declared dead (no PONG, no confirmation, an error), messages
+        # that could not be decoded.
         self.resyncs = 0
+        self.losses = 0
+        self.undecodable = 0
+
+    @property
+    def up(self) -> bool:
+        """Whether the subscription is proven alive now."""
+        return self.ready.is_set()
 
     # -- lifecycle ---------------------------------------------------------
     def start(self, wait: float = 2.0) -> bool:
@@ -132,23 +192,25 @@ class Notifier:
             try:
                 pubsub = self._make_pubsub()
                 pubsub.subscribe(self.inval_channel, self.fills_channel)
-                # Wait for both subscription confirmations before declaring readiness.
-                confirmed = 0
-                while confirmed < 2 and not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "subscribe":
-                        confirmed += 1
+                self._set_keepalive(pubsub)
+                self._confirm(pubsub)
+                if self._stop.is_set():
+                    return
+                # Subscribed first, then cleared: an invalidation published from now on
+                # reaches this process, and anything cached before may be stale.
                 if connected_before:
                     self.resyncs += 1
-                self._on_resync(connected_before)
+                self._on_resync("reconnected" if connected_before else None)
                 connected_before = True
                 self.ready.set()
-                while not self._stop.is_set():
-                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-                    if message is not None and message.get("type") == "message":
-                        self._dispatch(message["channel"], message["data"])
+                _call(self._on_up, "on_up")
+                self._listen(pubsub)
             except Exception as exc:  # any failure: reconnect after a pause
+                was_up = self.ready.is_set()
                 self.ready.clear()
+                self.losses += 1
+                if was_up:
+                    _call(self._on_down, "on_down")
                 self._on_error()
                 log.warning("tieredcache notifier lost its subscription: %s", exc)
                 self._stop.wait(self._reconnect_delay)
@@ -157,9 +219,77 @@ class Notifier:
                     with contextlib.suppress(Exception):  # closing a broken one may fail too
                         pubsub.close()
 
+    def _confirm(self, pubsub: Any) -> None:
+        """Wait for both subscription confirmations, at most ``ping_timeout``."""
+        deadline = time.monotonic() + self.ping_timeout
+        confirmed = 0
+        while confirmed < 2 and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _SubscriptionLostError(
+                    f"no subscription confirmation within {self.ping_timeout} s"
+                )
+            message = pubsub.get_message(timeout=min(remaining, 0.1))
+            if message and message.get("type") == "subscribe":
+                confirmed += 1
+
+    def _listen(self, pubsub: Any) -> None:
+        """Dispatch messages and PING every ``ping_interval``; raise when a PONG is late."""
+        next_ping = time.monotonic() + self.ping_interval
+        pending: bytes | None = None  # the token of the PING awaiting its PONG
+        sent_at = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if pending is None and now >= next_ping:
+                self._pings += 1
+                token = f"tc-live-{self.origin}-{self._pings}"
+                pubsub.ping(token)
+                pending, sent_at = token.encode(), now
+            elif pending is not None and now - sent_at > self.ping_timeout:
+                raise _SubscriptionLostError(
+                    f"no PONG within {self.ping_timeout} s on {self.inval_channel}"
+                )
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if message is None:
+                continue
+            kind = message.get("type")
+            if kind == "message":
+                self._dispatch(message["channel"], message["data"])
+            elif kind == "pong" and pending is not None:
+                data = message.get("data")
+                if (data.encode() if isinstance(data, str) else data) == pending:
+                    pending = None
+                    next_ping = time.monotonic() + self.ping_interval
+
+    def _set_keepalive(self, pubsub: Any) -> None:
+        """TCP keepalive on the subscription's socket: the kernel probes an idle peer
+        too (best effort: a Unix socket, or a client without ``_sock``, has none)."""
+        sock = getattr(getattr(pubsub, "connection", None), "_sock", None)
+        if not self.keepalive or not isinstance(sock, socket.socket):
+            return
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        idle = max(1, int(self.ping_interval + self.ping_timeout))
+        options = [
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 1),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+            # Data sent (a PING) and not acknowledged for this long kills the connection.
+            (
+                socket.IPPROTO_TCP,
+                getattr(socket, "TCP_USER_TIMEOUT", None),
+                int((self.ping_interval + self.ping_timeout) * 1000),
+            ),
+        ]
+        for level, option, value in options:
+            if option is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(level, option, value)
+
     def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
         if isinstance(channel, bytes):
-            channel = channel.decode()
+            channel = channel.decode(errors="replace")
         raw = data.encode() if isinstance(data, str) else data
         if channel == self.fills_channel:
             with self._lock:
@@ -174,10 +304,17 @@ class Notifier:
             keys = [parse_key(k) for k in message.k]
             tags = [parse_tag(t) for t in message.t]
         except (msgspec.DecodeError, ValueError) as exc:
+            # Someone meant to invalidate something; what is unknown, so all of it.
+            self.undecodable += 1
             log.warning(
-                "tieredcache ignored a malformed invalidation message %r: %s", raw[:200], exc
+                "tieredcache could not decode an invalidation message %r (%s); "
+                "clearing the in-process layers",
+                raw[:200],
+                exc,
             )
             self._on_error()
+            self.resyncs += 1
+            self._on_resync("undecodable message")
             return
         self._on_invalidate(keys, tags)
 
@@ -216,9 +353,23 @@ class Notifier:
 
 class Replicas:
     """One cache's side of the broadcast: its subscriber, and its invalidations to
-    the other replicas. ``on_invalidate`` drops what another replica invalidated
-    from this process; ``on_resync`` clears this process's in-process layers when
-    invalidations may have been missed."""
+    the other replicas.
+
+    ``on_invalidate`` drops what another replica invalidated from this process;
+    ``on_resync`` clears this process's in-process layers when invalidations may
+    have been missed (a late or renewed subscription, an undecodable message).
+    ``on_down`` is called when a subscription that was up stops being proven
+    alive (no PONG within ``ping_timeout``, an error), ``on_up`` when a
+    subscription is proven again, after ``on_resync``: between the two this
+    process hears nothing, so its in-process layers should be bypassed. Both are
+    called on the subscriber thread; before the first subscription the state is
+    down (see :attr:`up`). ``publish_only=True`` publishes and never starts a
+    subscriber (``notifier()`` is None).
+
+    >>> replicas = Replicas(  # doctest: +SKIP
+    ...     layer, "app", drop, clear, on_down=bypass, on_up=resume
+    ... )
+    """
 
     def __init__(
         self,
@@ -226,18 +377,42 @@ class Replicas:
         namespace: str,
         on_invalidate: Callable[[Sequence[CacheKey], Sequence[Tag]], None],
         on_resync: Callable[[], None],
+        *,
+        on_down: Callable[[], None] | None = None,
+        on_up: Callable[[], None] | None = None,
+        publish_only: bool = False,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 1.0,
+        keepalive: bool = True,
     ) -> None:
+        if ping_interval <= 0 or ping_timeout <= 0:
+            raise ValueError("Replicas ping_interval and ping_timeout must be positive")
         self.redis = redis
         self.namespace = namespace
+        self.publish_only = publish_only
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.keepalive = keepalive
+        self.origin = uuid.uuid4().hex
+        self.channel = invalidation_channel(redis.keyspace.prefix, namespace)
         self._on_invalidate = on_invalidate
         self._on_resync = on_resync
+        self._on_down = on_down or (lambda: None)
+        self._on_up = on_up or (lambda: None)
         self._notifier: Notifier | None = None
         self._subscribed_late = True
         self._lock = threading.Lock()
 
+    @property
+    def up(self) -> bool:
+        """Whether this process hears the other replicas now (a subscription proven
+        alive); False before the first subscription, and always when publish-only."""
+        notifier = self._notifier
+        return notifier is not None and notifier.up
+
     def notifier(self) -> Notifier | None:
         notifier = self._notifier
-        if notifier is None:
+        if notifier is None and not self.publish_only:
             redis = self.redis
             with self._lock:
                 if self._notifier is None:
@@ -247,7 +422,13 @@ class Replicas:
                         namespace=self.namespace,
                         on_invalidate=self._on_invalidate,
                         on_resync=self._resync,
+                        on_down=self._down,
+                        on_up=self._on_up,
+                        ping_interval=self.ping_interval,
+                        ping_timeout=self.ping_timeout,
+                        keepalive=self.keepalive,
                     )
+                    self._notifier.origin = self.origin
                     # The first request waits for the subscription at most as long as
                     # Redis may take to connect (a few ms when it is up). If that runs
                     # out, what was cached before it is dropped once it is up.
@@ -256,35 +437,44 @@ class Replicas:
         return notifier
 
     def connect(self, timeout: float) -> bool:
+        """Start the subscriber and wait up to ``timeout`` for it (True when
+        publish-only: there is nothing to subscribe to)."""
         notifier = self.notifier()
         return True if notifier is None else notifier.ready.wait(timeout)
 
-    def _resync(self, reconnected: bool) -> None:
-        if not reconnected and not self._subscribed_late:
+    def _down(self) -> None:
+        log.warning(
+            "tieredcache %s: broadcast subscription lost; invalidations from other "
+            "replicas are not heard until it is back",
+            self.namespace,
+        )
+        self._on_down()
+
+    def _resync(self, reason: str | None) -> None:
+        if reason is None and not self._subscribed_late:
             return  # subscribed before anything was cached: nothing was missed
-        if reconnected:
+        if reason is not None:
             log.warning(
-                "tieredcache %s: broadcast reconnected; clearing in-process layers",
+                "tieredcache %s: broadcast %s; clearing in-process layers",
                 self.namespace,
+                reason,
             )
         self._on_resync()
+
+    def _encode(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bytes:
+        message = InvalidationMessage(self.origin, [k.full for k in keys], [t.full for t in tags])
+        return msgspec.json.encode(message)
 
     def publish(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
         """Tell the other replicas to drop ``keys`` and ``tags`` (BackendError if Redis
         did not take it)."""
-        notifier = self.notifier()
-        if notifier is None:
-            return True
-        message = notifier.encode_invalidation(keys, tags)
-        self.redis.sync_store().publish(notifier.inval_channel, message)
+        self.notifier()  # a replica hears others from its first invalidation on
+        self.redis.sync_store().publish(self.channel, self._encode(keys, tags))
         return True
 
     async def apublish(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
-        notifier = self.notifier()
-        if notifier is None:
-            return True
-        message = notifier.encode_invalidation(keys, tags)
-        await self.redis.async_store().publish(notifier.inval_channel, message)
+        self.notifier()
+        await self.redis.async_store().publish(self.channel, self._encode(keys, tags))
         return True
 
     def stop(self) -> None:

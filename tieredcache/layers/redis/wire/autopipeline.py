@@ -15,8 +15,9 @@ read-or-lock, lock, fill and release scripts), go another way:
   pipeline (``transaction=False``: each command keeps its own result or error),
   which on a cluster groups them by node. A lone command is sent at once.
 
-Every other attribute is the wrapped client's own: invalidations, MGET, pub/sub
-and the write-back journal use redis-py's pool as before.
+``MGET`` (a fill's lease) and ``PUBLISH`` also take the multiplexed connection
+when there is one. Every other attribute is the wrapped client's own:
+invalidations, subscriptions and the write-back journal use redis-py's pool.
 """
 
 from __future__ import annotations
@@ -87,6 +88,23 @@ class AutoPipeline:
         if self.multiplexed is not None:
             return self.multiplexed.execute("EVALSHA", sha, numkeys, *keys_and_args)
         return self._execute("EVALSHA", sha, numkeys, *keys_and_args)
+
+    def mget(self, keys: Any, *args: Any) -> Awaitable[Any]:
+        """MGET (a fill's lease): on the multiplexed connection when there is one, so
+        that it shares the deadline that measures the server (redis-py's own read
+        timeout also counts the time its task waits in a busy event loop)."""
+        if self.multiplexed is not None:
+            names = [keys] if isinstance(keys, str | bytes) else list(keys)
+            return self.multiplexed.execute("MGET", *names, *args)
+        pending: Awaitable[Any] = self.client.mget(keys, *args)
+        return pending
+
+    def publish(self, channel: Any, message: Any) -> Awaitable[Any]:
+        """PUBLISH (fill wake-ups, replica invalidations): as :meth:`mget`."""
+        if self.multiplexed is not None:
+            return self.multiplexed.execute("PUBLISH", channel, message)
+        pending: Awaitable[Any] = self.client.publish(channel, message)
+        return pending
 
     async def aclose(self) -> None:
         if self.multiplexed is not None:

@@ -12,9 +12,16 @@ of tasks' commands into a handful of socket writes and reads, with one task
 wake-up per request (the asyncio client of redis-py takes a pooled connection,
 writes, and reads under a timeout context for every command: ~50-70 µs each).
 
-Deadlines: a reply still missing ``timeout`` seconds after its command was
-written fails every outstanding request with ``redis.exceptions.TimeoutError``
-and drops the connection (where the stream stands is then unknown). A lost
+Deadlines measure the server, not this process: a reply still missing
+``timeout`` seconds after its command was written fails every outstanding
+request with ``redis.exceptions.TimeoutError`` and drops the connection (where
+the stream stands is then unknown) only if the server has also shown no sign of
+life for ``timeout``: no bytes received, none waiting unread on the socket, and
+no progress in sending what this side had buffered. A busy event loop (10,000
+tasks) reads replies late, after their deadline, although Redis answered in
+microseconds; a timeout then would open the breaker and make every caller load
+again. Such late reads are counted (``backlogged``), as is the loop's lateness in
+running the deadline check (``lag_max``); ``timeouts`` counts real ones. A lost
 connection fails its outstanding requests with ``ConnectionError``; the next
 request connects again. Nothing is retried here (the cache's breaker decides),
 with one exception: an EVALSHA answered NOSCRIPT (a flushed or failed-over
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import time
 from typing import Any
 
@@ -57,12 +65,47 @@ class _Protocol(asyncio.Protocol):
         self.deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self.answered = 0  # replies received, to match against the deadlines' marks
         self.closed = False
+        # The last time the server showed life (bytes read, bytes found waiting unread,
+        # or our write buffer drained), and the write buffer's size when last looked at.
+        self.alive_at = 0.0
+        self.unsent = 0
+        self.late_mark = -1  # the mark of the last write counted in ``backlogged``
+        self._poll: select.poll | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.alive_at = time.monotonic()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+
+    def unread(self) -> bool:
+        """Whether the server's bytes (or its hang-up) wait on the socket, unread by
+        this event loop yet."""
+        poll = self._poll
+        if poll is None:
+            return False
+        try:
+            return bool(poll.poll(0))
+        except OSError:
+            return False
+
+    def progressed(self, now: float) -> bool:
+        """Whether the server showed life since the last look: bytes arrived or wait
+        unread, or it took some of what this side had left to send."""
+        transport = self.transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        drained = unsent < self.unsent
+        self.unsent = unsent
+        if drained or self.unread():
+            self.alive_at = now
+            return True
+        return False
 
     def data_received(self, data: bytes) -> None:
+        self.alive_at = time.monotonic()
         reader = self.reader
         reader.feed(data)
         waiting, sent = self.waiting, self.sent
@@ -96,6 +139,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._poll = None
         reason = f": {exc}" if exc else ""
         self.fail(redis.exceptions.ConnectionError(f"Redis closed the connection{reason}"))
         self.owner._lost(self)
@@ -110,6 +154,7 @@ class _Protocol(asyncio.Protocol):
 
     def abort(self, error: Exception) -> None:
         self.closed = True
+        self._poll = None
         self.fail(error)
         if self.transport is not None:
             self.transport.abort()
@@ -145,6 +190,12 @@ class MultiplexedConnection:
         self.writes = 0  # socket writes, for tests and benchmarks
         self.commands = 0
         self.resent = 0  # EVALSHAs sent again as EVAL after NOSCRIPT
+        # Deadline accounting (see the module docstring): real timeouts; writes whose
+        # deadline passed while the server was still answering (replies read late by a
+        # busy event loop: its own backlog); the most the deadline check ran late.
+        self.timeouts = 0
+        self.backlogged = 0
+        self.lag_max = 0.0
         self._protocol: _Protocol | None = None
         self._connecting = False
         self._connect_task: asyncio.Task[None] | None = None
@@ -235,6 +286,7 @@ class MultiplexedConnection:
         protocol.waiting.extend(futures)
         protocol.sent.extend(packed)
         protocol.transport.write(b"".join(packed) if len(packed) > 1 else packed[0])
+        protocol.unsent = protocol.transport.get_write_buffer_size()
         self.writes += 1
         mark = protocol.answered + len(protocol.waiting)
         protocol.deadlines.append((time.monotonic() + self.timeout, mark))
@@ -244,22 +296,45 @@ class MultiplexedConnection:
     # -- deadlines -----------------------------------------------------------
     def _arm(self, protocol: _Protocol, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(delay, 0.0), self._check, protocol)
+        delay = max(delay, 0.0)
+        self._timer = loop.call_later(delay, self._check, protocol, time.monotonic() + delay)
 
-    def _check(self, protocol: _Protocol) -> None:
+    def _check(self, protocol: _Protocol, scheduled: float = 0.0) -> None:
         self._timer = None
         if protocol.closed:
             return
+        now = time.monotonic()
+        lag = now - scheduled if scheduled else 0.0
+        if lag > self.lag_max:
+            self.lag_max = lag
         deadlines = protocol.deadlines
         while deadlines and deadlines[0][1] <= protocol.answered:
             deadlines.popleft()  # those writes are fully answered
         if not deadlines:
             return
-        due, _ = deadlines[0]
-        now = time.monotonic()
-        if due <= now:
-            protocol.abort(redis.exceptions.TimeoutError(f"Timeout reading from {self.address}"))
+        written_due = deadlines[0][0]
+        if written_due > now:
+            self._arm(protocol, written_due - now)
             return
+        # The oldest unanswered write is past its deadline. Its reply may be on its way
+        # all the same, read late by a busy event loop: the server has time until
+        # ``timeout`` after it last showed life.
+        due = protocol.alive_at + self.timeout
+        if due <= now:
+            if not protocol.progressed(now):
+                self.timeouts += 1
+                protocol.abort(
+                    redis.exceptions.TimeoutError(
+                        f"Timeout reading from {self.address}: no reply from the server "
+                        f"for {now - protocol.alive_at:.3f} s (socket_timeout {self.timeout} s; "
+                        f"this event loop ran the check {lag:.3f} s late)"
+                    )
+                )
+                return
+            due = now + self.timeout
+        if deadlines[0][1] != protocol.late_mark:  # counted once per overdue write
+            protocol.late_mark = deadlines[0][1]
+            self.backlogged += 1
         self._arm(protocol, due - now)
 
     # -- connection -------------------------------------------------------------
