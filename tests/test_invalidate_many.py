@@ -216,7 +216,7 @@ def test_check_settings_finds_a_worker_that_would_miss_the_applications_keys(
 
     with tenant_scope("acme"):
         f()  # the first miss publishes the settings
-    same = TieredCache("shop", [RedisLayer(url=redis_url, tenant_slots=4)], broadcast=False)
+    same = TieredCache("shop", [RedisLayer(url=redis_url, tenant_slots=4)], broadcast="publish")
     other_slots = TieredCache("shop", [RedisLayer(url=redis_url)], broadcast=False)
     other_prefix = TieredCache(
         "shop", [RedisLayer(url=redis_url, tenant_slots=4, key_prefix="x")], broadcast=False
