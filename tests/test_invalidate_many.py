@@ -262,3 +262,18 @@ async def test_get_or_load_reports_where_the_value_came_from(
     assert (sync_value, sync_outcome.state) == (b"sync", "miss")
     assert cache.stats().functions["pages"]["redis"].misses == 1
     await cache.aclose()
+
+
+def test_a_broadcast_that_was_not_sent_is_not_reported_as_sent(
+    redis_url: str, caches: list[TieredCache]
+) -> None:
+    """broadcast=False: the other replicas were not told, and the result says so
+    (``unsent``, ``complete`` False) instead of reporting a broadcast as done."""
+    quiet = _app(redis_url, caches, broadcast=False)
+    loud = _app(redis_url, caches)
+    silent = quiet.invalidate(tags=["a"], tenant="acme")
+    assert silent.ok and silent.unsent == ["broadcast"] and not silent.complete
+    told = loud.invalidate(tags=["a"], tenant="acme")
+    assert told.ok and told.unsent == [] and told.complete
+    alone = TieredCache("inv", [MemoryLayer()], broadcast=False)  # no replicas to tell
+    assert alone.invalidate(tags=["a"], tenant="acme").complete

@@ -121,21 +121,17 @@ class TieredCache:
             background_workers=background_workers,
         )
         self._replicas: Any = None
-        if broadcast:
-            carrier = next(
-                (
-                    g.layer
-                    for g in self._stack.storage
-                    if isinstance(g.layer, ReplicaBroadcastLayer)
-                ),
-                None,
+        carrier = next(
+            (g.layer for g in self._stack.storage if isinstance(g.layer, ReplicaBroadcastLayer)),
+            None,
+        )
+        self._stack.broadcast_disabled = carrier is not None and not broadcast
+        if broadcast and carrier is not None:
+            options: dict[str, Any] = {"publish_only": True} if broadcast == "publish" else {}
+            self._replicas = carrier.replicas(
+                self.namespace, self._stack.drop_local, self._resync, **options
             )
-            if carrier is not None:
-                options: dict[str, Any] = {"publish_only": True} if broadcast == "publish" else {}
-                self._replicas = carrier.replicas(
-                    self.namespace, self._stack.drop_local, self._resync, **options
-                )
-                self._stack.attach_broadcast(self._replicas, carrier)
+            self._stack.attach_broadcast(self._replicas, carrier)
         self._api_counters: dict[str, list[int]] = {}
         self._read_through: dict[str, Any] = {}
         self._policies: dict[tuple[Any, ...], Policy] = {}

@@ -56,10 +56,20 @@ class InvalidationResult:
 
     failed: list[str] = field(default_factory=list)
     failures: list[LayerFailure] = field(default_factory=list)
+    # Reached by nothing, on purpose: "broadcast" when the cache was built with
+    # broadcast=False although a shared layer could carry it (other replicas were
+    # not told; fine for one process, not for a CDC worker).
+    unsent: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """Every layer that was tried confirmed it (see ``complete`` for the rest)."""
         return not self.failed
+
+    @property
+    def complete(self) -> bool:
+        """Confirmed everywhere, the replicas included: nothing failed, nothing unsent."""
+        return not self.failed and not self.unsent
 
     @property
     def retry_after(self) -> float | None:

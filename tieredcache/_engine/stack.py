@@ -234,6 +234,8 @@ class LayerStack:
         self.broadcast: Broadcast = _NoBroadcast()
         # The guard of the layer that carries the broadcast (its breaker and errors).
         self.broadcast_guard: LayerGuard | None = None
+        # broadcast=False although a layer could carry it: results say it was unsent.
+        self.broadcast_disabled = False
         # All-tenant invalidations: tag name -> the wall time it was invalidated for
         # every tenant. An entry carrying such a tag whose load began before that
         # time is not served (checked on every read of a layer, O(tags) and only

@@ -127,7 +127,8 @@ async def invalidate(
             failures.append(failure_of(guard.name, errors[-1]))
     stack.forget(keys, tags)
     failed = list(dict.fromkeys(f.layer for f in failures))
-    return InvalidationResult(failed, failures)
+    unsent = [BROADCAST] if stack.broadcast_disabled and wanted(BROADCAST) else []
+    return InvalidationResult(failed, failures, unsent)
 
 
 async def _invalidate_layer(
