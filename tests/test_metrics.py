@@ -111,3 +111,21 @@ def test_tenant_labels_are_bounded() -> None:
             price(1)
     assert set(cache.stats().tenants) == {"t1", "t2", "__other__"}
     assert cache.stats().tenants["__other__"]["memory"].misses == 2
+
+
+@pytest.mark.redis
+def test_stats_and_prometheus_show_what_the_backends_saw(redis_url: str) -> None:
+    """stats().backends: the Redis fast path's timeouts and backlogged replies and the
+    replica subscription's state, also exported as tieredcache_backend."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    cache = TieredCache("health", [MemoryLayer(), RedisLayer(url=redis_url)])
+    assert cache.connect()
+    backends = cache.stats().backends
+    assert backends["redis"]["timeouts"] == 0 and backends["redis"]["backlogged"] == 0
+    assert backends["broadcast"]["up"] == 1.0
+    registry = CollectorRegistry()
+    registry.register(cache.prometheus_collector())
+    text = generate_latest(registry).decode()
+    assert 'tieredcache_backend{backend="broadcast",event="up",namespace="health"} 1.0' in text
+    cache.close()

@@ -18,6 +18,7 @@ from ._function.types import CacheDecorator
 from .errors import BackendError, ConfigurationError, TenantRequiredError
 from .keys import CacheKey, Tag, make_tags, validate_namespace, validate_tag_name
 from .layers.base import (
+    HealthReportingLayer,
     InvalidationLayer,
     NamespaceStateLayer,
     ReplicaBroadcastLayer,
@@ -519,13 +520,30 @@ class TieredCache:
         }
         return evictions, breakers
 
-    def stats(self) -> CacheStats:
-        """Hit rates and counts per layer, per function and per tenant."""
-        return self._metrics.snapshot(*self._layer_states())
+    def _backends(self) -> dict[str, dict[str, float]]:
+        backends = {
+            layer.name: layer.health()
+            for layer in self.layers
+            if isinstance(layer, HealthReportingLayer)
+        }
+        if self._replicas is not None and isinstance(self._replicas, HealthReportingLayer):
+            backends["broadcast"] = self._replicas.health()
+        return backends
 
-    def metrics_source(self) -> tuple[str, Metrics, Mapping[str, int], Mapping[str, str]]:
+    def stats(self) -> CacheStats:
+        """Hit rates and counts per layer, per function and per tenant; the breakers'
+        states; and what each backend's connections saw (``backends``)."""
+        stats = self._metrics.snapshot(*self._layer_states())
+        stats.backends = self._backends()
+        return stats
+
+    def metrics_source(
+        self,
+    ) -> tuple[
+        str, Metrics, Mapping[str, int], Mapping[str, str], Mapping[str, Mapping[str, float]]
+    ]:
         """What the Prometheus collector reads (see :mod:`tieredcache.prometheus`)."""
-        return (self.namespace, self._metrics, *self._layer_states())
+        return (self.namespace, self._metrics, *self._layer_states(), self._backends())
 
     def prometheus_collector(self) -> Any:
         """A prometheus-client collector; register it with ``REGISTRY.register(...)``."""

@@ -132,6 +132,9 @@ class CacheStats:
     tenants: dict[str, dict[str, LayerStats]] = field(default_factory=dict)
     loader: LoaderStats = field(default_factory=LoaderStats)
     breakers: dict[str, str] = field(default_factory=dict)
+    # Per backend (a layer, or "broadcast"): what its connections saw, e.g. the
+    # Redis layer's timeouts and backlogged replies, the subscription's losses.
+    backends: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:

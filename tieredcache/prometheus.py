@@ -10,8 +10,10 @@ Metric families (all labelled with ``namespace``):
 - ``tieredcache_sets_total``, ``tieredcache_invalidations_total``, ``tieredcache_errors_total``
   ``{layer,function,tenant}``
 - ``tieredcache_loader_events_total{function,tenant,event}``, event = calls | errors |
-  timeouts | lease_rejections | lock_waits | early_refreshes
+  timeouts | lease_rejections | lock_waits | early_refreshes | coalesced
 - ``tieredcache_evictions_total{layer}``, ``tieredcache_breaker_open{layer}``
+- ``tieredcache_backend{backend,event}``: a Redis layer's timeouts and backlogged
+  replies, the replica subscription's up/losses/resyncs/undecodable
 - ``tieredcache_operation_seconds{layer,function,operation}`` (histogram)
 """
 
@@ -40,8 +42,13 @@ __all__ = ["MetricsSource", "PrometheusCollector", "serve_metrics"]
 class MetricsSource(Protocol):
     """What the collector reads of a cache (``TieredCache`` is one)."""
 
-    def metrics_source(self) -> tuple[str, Metrics, Mapping[str, int], Mapping[str, str]]:
-        """(namespace, metrics, evictions per layer, breaker state per layer)."""
+    def metrics_source(
+        self,
+    ) -> tuple[
+        str, Metrics, Mapping[str, int], Mapping[str, str], Mapping[str, Mapping[str, float]]
+    ]:
+        """(namespace, metrics, evictions per layer, breaker state per layer, backend
+        counters per layer: timeouts, backlogged replies, subscription losses...)."""
         ...
 
 
@@ -91,13 +98,22 @@ class PrometheusCollector:
             "1 while a layer's circuit breaker is open",
             labels=["namespace", "layer"],
         )
+        backend_events = core.GaugeMetricFamily(
+            "tieredcache_backend",
+            "What a backend's connections saw: timeouts, replies late because of the "
+            "caller's own event loop (backlogged), subscription up/losses/resyncs",
+            labels=["namespace", "backend", "event"],
+        )
         latency = core.HistogramMetricFamily(
             "tieredcache_operation_seconds",
             "Layer operation latency",
             labels=["namespace", "layer", "function", "operation"],
         )
         for cache in self.caches:
-            ns, metrics, layer_evictions, breakers = cache.metrics_source()
+            ns, metrics, layer_evictions, breakers, backends = cache.metrics_source()
+            for backend, values in backends.items():
+                for event, value in values.items():
+                    backend_events.add_metric([ns, backend, event], value)
             for function, tenant, counters in metrics.rows():
                 for index, layer in enumerate(metrics.layer_names):
                     base = index * FIELDS
@@ -125,7 +141,17 @@ class PrometheusCollector:
                 latency.add_metric(
                     [ns, layer_name, function, operation], cumulative, sum_value=histogram.sum
                 )
-        yield from (lookups, sets, invalidations, errors, loader, evictions, breaker, latency)
+        yield from (
+            lookups,
+            sets,
+            invalidations,
+            errors,
+            loader,
+            evictions,
+            breaker,
+            backend_events,
+            latency,
+        )
 
 
 def _bucket(bound: float) -> str:

@@ -42,6 +42,7 @@ __all__ = [
     "FillLockLayer",
     "InProcessLayer",
     "InvalidationLayer",
+    "HealthReportingLayer",
     "NamespaceStateLayer",
     "ReplicaBroadcastLayer",
     "SharedLayer",
@@ -219,6 +220,14 @@ class ReplicaBroadcastLayer(Protocol):
         ``connect(timeout)``, ``stop()``. ``on_invalidate`` receives what other
         replicas invalidated; ``on_resync`` is called when some may have been missed."""
         ...
+
+
+@runtime_checkable
+class HealthReportingLayer(Protocol):
+    """A layer whose connections keep counters worth exporting (``stats().backends``
+    and Prometheus): timeouts, replies late because of the caller's own loop, ..."""
+
+    def health(self) -> dict[str, float]: ...
 
 
 @runtime_checkable

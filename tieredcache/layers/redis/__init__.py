@@ -274,6 +274,22 @@ class RedisLayer:
                 )
         return problems
 
+    # -- health ------------------------------------------------------------------
+    def health(self) -> dict[str, float]:
+        """What the fast path's connections saw, over every event loop: ``timeouts``
+        (the server said nothing for socket_timeout), ``backlogged`` (replies that
+        were late only because the caller's own event loop was busy: not counted as
+        failures) and ``loop_lag_max`` (seconds the deadline check ran late)."""
+        out = {"timeouts": 0.0, "backlogged": 0.0, "loop_lag_max": 0.0}
+        for store in self._async_stores.values():
+            multiplexed = getattr(store.client, "multiplexed", None)
+            if multiplexed is None:
+                continue
+            out["timeouts"] += multiplexed.timeouts
+            out["backlogged"] += multiplexed.backlogged
+            out["loop_lag_max"] = max(out["loop_lag_max"], multiplexed.lag_max)
+        return out
+
     # -- replica broadcast ----------------------------------------------------
     def replicas(
         self,

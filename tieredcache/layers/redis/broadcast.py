@@ -410,6 +410,19 @@ class Replicas:
         notifier = self._notifier
         return notifier is not None and notifier.up
 
+    def health(self) -> dict[str, float]:
+        """The subscription's record: ``up`` (1/0), ``losses`` (subscriptions found
+        dead), ``resyncs`` (in-process layers cleared for it), ``undecodable``."""
+        notifier = self._notifier
+        if notifier is None:
+            return {"up": 0.0, "losses": 0.0, "resyncs": 0.0, "undecodable": 0.0}
+        return {
+            "up": 1.0 if notifier.up else 0.0,
+            "losses": float(notifier.losses),
+            "resyncs": float(notifier.resyncs),
+            "undecodable": float(notifier.undecodable),
+        }
+
     def notifier(self) -> Notifier | None:
         notifier = self._notifier
         if notifier is None and not self.publish_only:
