@@ -3,13 +3,16 @@
 Varnish purger listed as a layer of the shop's cache.
 
 A tag invalidated through the cache purges Varnish (the xkey the middleware put on
-the response), so the next request through Varnish is a MISS with the new content.
+the response), so the next request through Varnish is a MISS with the new
+content; a soft purge (a second varnishd, 30 s of grace) serves the stale page
+once, then the refreshed one.
 If varnishd or uvicorn cannot start, the tests fail with the reason (never skip).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -79,11 +82,13 @@ class UvicornThread:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def shop() -> Iterator[Shop]:
+@contextlib.contextmanager
+def running_shop(*, grace: int, soft: bool) -> Iterator[Shop]:
+    """varnishd (``grace`` seconds of stale) in front of the shop under uvicorn; the
+    shop's cache purges Varnish through a CdnPurgeLayer (soft purges if ``soft``)."""
     port = free_port()
-    varnish = VarnishService("127.0.0.1", port, grace=0).start()
-    purges = CdnPurgeLayer(VarnishPurger([varnish.url]), name="varnish")
+    varnish = VarnishService("127.0.0.1", port, grace=grace).start()
+    purges = CdnPurgeLayer(VarnishPurger([varnish.url]), name="varnish", soft=soft)
     cache = TieredCache("shop", [MemoryLayer(), purges])
     server = UvicornThread(http_app.create_app(cache, cdn=CdnConfig(VARNISH)), port)
     try:
@@ -96,6 +101,18 @@ def shop() -> Iterator[Shop]:
         server.stop()
         cache.close()
         varnish.stop()
+
+
+@pytest.fixture(scope="module")
+def shop() -> Iterator[Shop]:
+    with running_shop(grace=0, soft=False) as shop:
+        yield shop
+
+
+@pytest.fixture(scope="module")
+def soft_shop() -> Iterator[Shop]:
+    with running_shop(grace=30, soft=True) as shop:
+        yield shop
 
 
 def get(url: str) -> tuple[str, dict[str, object], dict[str, str]]:
@@ -136,3 +153,22 @@ def test_unsafe_method_through_varnish_purges_the_url(shop: Shop) -> None:
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 200
     wait_until(lambda: get(url)[1]["price"] == 999, timeout=5, message="Varnish was purged")
+
+
+def test_soft_purge_serves_stale_then_the_refreshed_page(soft_shop: Shop) -> None:
+    """A soft purge marks the page stale at Varnish instead of evicting it: the next
+    request is answered at once with the old page (within grace) while Varnish
+    refetches in the background, and the request after that gets the new content."""
+    url = f"{soft_shop.varnish.url}/products/3"
+    get(url)
+    assert get(url)[0] == "HIT"
+
+    http_app.PRODUCTS[3] = {**http_app.PRODUCTS[3], "name": "Soft renamed"}
+    soft_shop.cache.invalidate(tags=["product:3"], tenant="public")
+    outcomes = soft_shop.purges.flush(timeout=10)
+    assert [o.status for o in outcomes] == ["purged"]
+
+    state, body, _ = get(url)
+    assert state == "HIT" and body["name"] == "Product 3"  # stale, from grace
+    wait_until(lambda: get(url)[1]["name"] == "Soft renamed", timeout=5,
+               message="Varnish refreshed the soft-purged page")  # fmt: skip

@@ -207,3 +207,30 @@ def accept_encoding_bucket(value: bytes | None) -> str:
         elif name == "*":
             accepted.update({"gzip", "br"})
     return ",".join(sorted(accepted)) or "identity"
+
+
+def request_cookies(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of every ``Cookie`` header (HTTP/2 may send several)."""
+    pairs = []
+    for key, value in headers:
+        if key == b"cookie":
+            for part in value.split(b";"):
+                name, _, val = part.strip().partition(b"=")
+                if name:
+                    pairs.append((name, val))
+    return pairs
+
+
+def credentials(
+    headers: Sequence[tuple[bytes, bytes]], keyed_cookies: frozenset[bytes]
+) -> bytes | None:
+    """What identifies the client, or None: ``Authorization``, and every cookie the
+    route does not key (any of them may be a session). A page answered to a request
+    carrying them is that user's page, not a shared one."""
+    auth = header(headers, b"authorization")
+    session = [(k, v) for k, v in request_cookies(headers) if k not in keyed_cookies]
+    if auth is None and not session:
+        return None
+    parts = [b"authorization\0" + (auth or b"")]
+    parts.extend(b"cookie\0" + k + b"=" + v for k, v in sorted(session))
+    return b"\1".join(parts)

@@ -29,7 +29,7 @@ from starlette.routing import compile_path
 from ..errors import ConfigurationError
 from ..keys import validate_tag_name
 from ..tags import TagTemplate
-from ._http import UNKEYED_INPUTS, accept_encoding_bucket
+from ._http import UNKEYED_INPUTS, accept_encoding_bucket, request_cookies
 
 __all__ = ["CacheRoute", "CacheRoutes", "RouteMatch"]
 
@@ -51,9 +51,13 @@ class CacheRoute:
     - ``vary``: request headers the page depends on; each is keyed and sent in
       ``Vary``. Naming a poisoning-prone header (``X-Forwarded-Host``...) here
       keys it instead of stripping it.
-    - ``scope``: who may share an entry when the request has ``Authorization``:
-      ``"shared"`` (never stored: the request bypasses the cache), ``"tenant"``
-      (every user of the tenant) or ``"user"`` (keyed on the credentials too).
+    - ``cookies``: cookies the page depends on that identify no one (``lang``,
+      ``currency``); each is keyed. Any *other* cookie may be a session, so a
+      request carrying one is treated as one with ``Authorization`` (see ``scope``).
+    - ``scope``: who may share an entry when the request has credentials
+      (``Authorization``, or a cookie not named in ``cookies``): ``"shared"``
+      (never stored: the request bypasses the cache), ``"tenant"`` (every user of
+      the tenant) or ``"user"`` (keyed on the credentials too).
     - ``revalidate``: honour a request's ``Cache-Control: no-cache`` (coalesced,
       and at most once per ``revalidate_interval`` seconds per entry); off by
       default, since otherwise any client can bypass the cache at will.
@@ -68,6 +72,7 @@ class CacheRoute:
     tags: Sequence[str | TagTemplate] = ()
     query: Sequence[str] = ()
     vary: Sequence[str] = ()
+    cookies: Sequence[str] = ()
     scope: Literal["shared", "tenant", "user"] = "shared"
     revalidate: bool = False
     revalidate_interval: float = 1.0
@@ -82,6 +87,7 @@ class CacheRoute:
     templates: tuple[TagTemplate, ...] = field(init=False, repr=False)
     keyed_query: frozenset[str] = field(init=False, repr=False)
     vary_raw: tuple[bytes, ...] = field(init=False, repr=False)
+    cookies_raw: frozenset[bytes] = field(init=False, repr=False)
     kept_inputs: frozenset[bytes] = field(init=False, repr=False)
     table_name: str | None = field(init=False, repr=False)
 
@@ -111,6 +117,7 @@ class CacheRoute:
         set_(self, "templates", templates)
         set_(self, "keyed_query", frozenset(self.query))
         set_(self, "vary_raw", vary)
+        set_(self, "cookies_raw", frozenset(c.encode("latin-1") for c in self.cookies))
         set_(self, "kept_inputs", frozenset(vary) & UNKEYED_INPUTS)
         set_(self, "table_name", table)
 
@@ -144,7 +151,8 @@ class CacheRoute:
 
     def key_body(self, path: str, query: bytes, headers: Sequence[tuple[bytes, bytes]],
                  user: bytes | None) -> str:  # fmt: skip
-        """The cache key body: path as routed, keyed query, varied headers, user digest.
+        """The cache key body: path as routed, keyed query, varied headers, keyed
+        cookies, user digest.
 
         The path is percent-encoded (``%``, ``|`` and ``?`` included), so the parts
         cannot run into each other; a long key is digested.
@@ -152,13 +160,16 @@ class CacheRoute:
         body = "http:" + quote(path, safe=_PATH_SAFE)
         if query:
             body += "?" + query.decode("latin-1")
-        if self.vary_raw or user is not None:
+        if self.vary_raw or self.cookies_raw or user is not None:
             digest = hashlib.blake2b(digest_size=12)
             for name in self.vary_raw:
                 values = [v for k, v in headers if k == name]
                 if name == b"accept-encoding":
                     values = [accept_encoding_bucket(b",".join(values)).encode()]
                 digest.update(name + b"\0" + b"\0".join(values) + b"\1")
+            if self.cookies_raw:
+                jar = sorted((k, v) for k, v in request_cookies(headers) if k in self.cookies_raw)
+                digest.update(b"cookie\0" + b"\0".join(k + b"=" + v for k, v in jar) + b"\1")
             if user is not None:
                 digest.update(b"user\0" + user)
             body += "|" + digest.hexdigest()
