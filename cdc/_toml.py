@@ -109,7 +109,8 @@ def load_rules(path: str | os.PathLike[str], env: Mapping[str, str] | None = Non
         raise RulesFileError(f"{file}: cannot read the rules file: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RulesFileError(f"{file}: not valid TOML: {exc}") from exc
-    unknown = set(raw) - {"cdc", "tables"}
+    # [kafka], [cache], [worker], [inspector] belong to the worker (cdc/config.py).
+    unknown = set(raw) - {"cdc", "tables", "kafka", "cache", "worker", "inspector"}
     if unknown:
         raise RulesFileError(f"{file}: unknown section(s) {', '.join(sorted(unknown))}")
     data = _substitute(raw, environment, str(file))

@@ -1,0 +1,589 @@
+"""The CDC invalidator: a Kafka consumer-group member that turns Debezium change
+events into cache invalidations on every layer and every replica, and never skips.
+
+One loop, on one thread, per process (confluent-kafka is a blocking client):
+
+1. **Read a batch**: wait for the first record (``poll``), then take what is
+   already fetched (``consume(n, 0)``), so an idle partition costs no batch delay.
+2. **Decode and map** each record (:func:`cdc.debezium.decode_record`,
+   :meth:`cdc.rules.Rules.invalidations`), and coalesce: the batch's
+   invalidations are one set of (namespace, tenant, tag).
+3. **Dead letters**: a record that cannot be decoded or mapped is produced to the
+   dead-letter topic with ``error``, ``topic``, ``partition`` and ``offset``
+   headers, and the worker waits for the delivery reports before anything of the
+   batch is committed (a dead-letter topic it cannot reach stops the worker:
+   :class:`DeadLetterError`). Its table is invalidated for all tenants, as a
+   fail-safe (every rule's table when the record does not say which).
+4. **Storage side**: one ``invalidate_many`` per namespace with the storage
+   layers and the replica broadcast. A layer that fails is retried, alone, with
+   exponential backoff (or the layer's ``Retry-After``) while the assigned
+   partitions are paused and ``poll()`` keeps the membership alive; the lag
+   grows and ``tieredcache_cdc_blocked{layer,reason}`` says why. Nothing of a
+   failed batch is committed and nothing after it is read.
+5. **CDN side**: invalidation-only layers get the batch on a thread of their own,
+   coalesced with whatever else is queued, retried the same way; a slow CDN
+   never holds back Redis and the in-process layers.
+6. **Commit** a partition's offset when both sides acknowledged everything
+   before it (:mod:`cdc._progress`): the committed offset never passes the
+   CDN's progress, and the CDN's never passes the storage side's.
+
+Rebalance: commit on revoke what both sides acknowledged; on a *lost* assignment
+commit nothing (another member may already own it). ``stop()`` (SIGTERM in the
+CLI): finish the batch, commit, close (leaving the group).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdc._progress import Progress, Stamp, TopicPartition
+from cdc._target import InvalidationTarget, split_layers, to_items
+from cdc.debezium import ChangeEvent, EventDecodeError, Ignored, decode_record
+from cdc.health import WorkerStatus
+from cdc.metrics import WorkerMetrics
+from cdc.rules import Invalidation, Rules, UnmappableEventError
+from tieredcache.errors import ConfigurationError, MissingExtraError, TieredCacheError
+
+__all__ = ["DeadLetterError", "Worker", "WorkerSettings"]
+
+log = logging.getLogger("cdc.worker")
+
+DEAD_LETTER_HEADERS = ("error", "topic", "partition", "offset")
+
+
+class DeadLetterError(TieredCacheError):
+    """The dead-letter topic did not confirm a record: the worker stops, uncommitted."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Kafka and loop settings (see :mod:`cdc.config` for the TOML form).
+
+    ``topics``: names, or regular expressions starting with ``^``. ``consumer`` and
+    ``producer`` are extra librdkafka properties (they win over the defaults).
+    """
+
+    bootstrap_servers: str
+    topics: Sequence[str]
+    group_id: str = "tieredcache-cdc"
+    dead_letter_topic: str = "tieredcache-cdc.dead-letter"
+    batch_size: int = 500
+    poll_timeout: float = 0.1
+    backoff_initial: float = 0.05
+    backoff_max: float = 5.0
+    lag_interval: float = 1.0
+    dead_letter_timeout: float = 10.0
+    shutdown_grace: float = 20.0
+    heartbeat_prefix: str = "__debezium-heartbeat"
+    transaction_topic: str | None = None
+    consumer: Mapping[str, Any] = field(default_factory=dict)
+    producer: Mapping[str, Any] = field(default_factory=dict)
+
+    def consumer_config(self) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": 10,
+            "topic.metadata.refresh.interval.ms": 5000,
+            **self.consumer,
+        }
+
+    def producer_config(self) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "acks": "all",
+            "linger.ms": 1,
+            "message.timeout.ms": int(self.dead_letter_timeout * 1000),
+            **self.producer,
+        }
+
+
+@dataclass
+class _CdnUnit:
+    invalidations: set[Invalidation]
+    stamp: Stamp
+    ts_ms: list[int]
+
+
+class Worker:
+    """Consume Debezium topics and invalidate ``targets`` (one cache per namespace).
+
+    >>> worker = Worker(settings, rules, [cache])        # doctest: +SKIP
+    >>> worker.run()   # until worker.stop() (SIGTERM in the CLI)   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        rules: Rules,
+        targets: Sequence[InvalidationTarget],
+        *,
+        metrics: WorkerMetrics | None = None,
+        status: WorkerStatus | None = None,
+        clock: Callable[[], float] = time.time,
+        on_storage_acked: Callable[[list[tuple[str, int, int]]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.targets = {t.namespace: t for t in targets}
+        needed = {ns for r in rules.tables.values() for ns in r.namespaces}
+        needed |= set(rules.message_namespaces)
+        missing = needed - set(self.targets)
+        if missing:
+            raise ConfigurationError(
+                f"the rules invalidate namespace(s) {sorted(missing)} but no cache was given "
+                "for them; add one per namespace"
+            )
+        self._storage_layers: dict[str, list[str]] = {}
+        self._cdn_layers: dict[str, list[str]] = {}
+        for ns, target in self.targets.items():
+            self._storage_layers[ns], self._cdn_layers[ns] = split_layers(target)
+        self._has_cdn = any(self._cdn_layers.values())
+        self.metrics = metrics or WorkerMetrics()
+        self.status = status or WorkerStatus()
+        self.clock = clock
+        self.progress = Progress(cdn=self._has_cdn)
+        self._on_storage_acked = on_storage_acked
+        self._stop = threading.Event()
+        self._stop_deadline: float | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._carry: list[Any] = []
+        self._paused = False
+        self._lag_stop = threading.Event()
+        self._lag_thread: threading.Thread | None = None
+        # The CDN side: a queue of batches and its own thread.
+        self._cdn_cond = threading.Condition()
+        self._cdn_queue: list[_CdnUnit] = []
+        self._cdn_busy = False
+        self._cdn_stop = False
+        self._cdn_thread: threading.Thread | None = None
+        self._all_tables = {r.table for r in rules.tables.values()}
+
+    # -- lifecycle ---------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch, commit and leave (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; raises :class:`DeadLetterError` if the DLQ fails."""
+        try:
+            import confluent_kafka
+        except ImportError as exc:  # pragma: no cover
+            raise MissingExtraError("confluent-kafka", "kafka") from exc
+        self._consumer = confluent_kafka.Consumer(self.settings.consumer_config())
+        self._producer = confluent_kafka.Producer(self.settings.producer_config())
+        if self._has_cdn:
+            self._cdn_thread = threading.Thread(
+                target=self._cdn_loop, name="tieredcache-cdc-cdn", daemon=True
+            )
+            self._cdn_thread.start()
+        # Lag is read by a client of its own on a thread of its own: its broker round
+        # trips (watermarks, committed offsets) never stall the consume loop.
+        lag_client = confluent_kafka.Consumer(
+            {"bootstrap.servers": self.settings.bootstrap_servers,
+             "group.id": self.settings.group_id, "enable.auto.commit": False}
+        )  # fmt: skip
+        self._lag_thread = threading.Thread(
+            target=self._lag_loop, args=(lag_client,), name="tieredcache-cdc-lag", daemon=True
+        )
+        self._lag_thread.start()
+        try:
+            self._consumer.subscribe(
+                list(self.settings.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            self.status.consuming = True
+            while not self._stop.is_set():
+                self.status.beat()
+                batch = self._read_batch()
+                if batch:
+                    self._process(batch)
+                self._commit()
+        finally:
+            self.status.stopping = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        self._lag_stop.set()
+        if self._lag_thread is not None:
+            self._lag_thread.join(5)
+        try:
+            if self._cdn_thread is not None:
+                with self._cdn_cond:
+                    self._cdn_stop = True
+                    self._cdn_cond.notify_all()
+                self._cdn_thread.join(self.settings.shutdown_grace)
+            if consumer is not None:
+                self._consumer = consumer
+                self._commit()
+                self._consumer = None
+        finally:
+            if consumer is not None:
+                consumer.close()  # leaves the group; on_revoke commits nothing new
+            if self._producer is not None:
+                self._producer.flush(self.settings.dead_letter_timeout)
+                self._producer = None
+
+    # -- reading -----------------------------------------------------------------
+    def _read_batch(self) -> list[Any]:
+        consumer = self._consumer
+        batch, self._carry = self._carry, []
+        if not batch:
+            first = consumer.poll(self.settings.poll_timeout)
+            if first is None:
+                return []
+            batch = [first]
+        more = self.settings.batch_size - len(batch)
+        if more > 0:
+            batch.extend(consumer.consume(more, 0))
+        return [m for m in batch if self._usable(m)]
+
+    def _usable(self, msg: Any) -> bool:
+        error = msg.error()
+        if error is not None:
+            from confluent_kafka import KafkaError
+
+            if error.code() == KafkaError._PARTITION_EOF:
+                return False
+            if error.fatal():
+                raise TieredCacheError(f"Kafka consumer failed: {error}")
+            log.warning("Kafka consumer: %s", error)
+            return False
+        return self.progress.owns((msg.topic(), msg.partition()))
+
+    # -- one batch ------------------------------------------------------------------
+    def _process(self, batch: list[Any]) -> None:
+        wanted: set[Invalidation] = set()
+        end_offsets: dict[TopicPartition, int] = {}
+        oldest: dict[TopicPartition, int] = {}
+        ts_list: list[int] = []
+        dead: list[tuple[Any, Exception]] = []
+        kinds: dict[tuple[str, str], int] = defaultdict(int)
+        for msg in batch:
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            tp = (topic, partition)
+            end_offsets[tp] = max(end_offsets.get(tp, 0), offset + 1)
+            event: ChangeEvent | Ignored | None = None
+            try:
+                event = decode_record(
+                    topic,
+                    msg.key(),
+                    msg.value(),
+                    headers=msg.headers(),
+                    partition=partition,
+                    offset=offset,
+                    heartbeat_prefix=self.settings.heartbeat_prefix,
+                    transaction_topic=self.settings.transaction_topic,
+                )
+                if isinstance(event, Ignored):
+                    kinds[(topic, "ignored")] += 1
+                    continue
+                wanted |= self.rules.invalidations(event)
+                kinds[(topic, "change")] += 1
+                if event.ts_ms is not None:
+                    ts_list.append(event.ts_ms)
+                    oldest[tp] = min(oldest.get(tp, event.ts_ms), event.ts_ms)
+            except (EventDecodeError, UnmappableEventError) as exc:
+                kinds[(topic, "dead_letter")] += 1
+                dead.append((msg, exc))
+                table = event.table if isinstance(event, ChangeEvent) else None
+                wanted |= self._fail_safe(topic, table)
+        for (topic, kind), n in kinds.items():
+            self.metrics.events.labels(topic, kind).inc(n)
+        self.metrics.count_events(len(batch))
+        if dead:
+            self._dead_letter(dead)
+        stamp = self.progress.stamp(end_offsets, oldest)
+        by_ns = _by_namespace(wanted)
+        if not self._apply_storage(by_ns):
+            return  # stopping while a layer still fails: nothing of this batch commits
+        now = self.clock()
+        for ts in ts_list:
+            self.metrics.commit_to_invalidated.labels("storage").observe(max(0.0, now - ts / 1000))
+        self.progress.storage_acked(stamp)
+        if self._on_storage_acked is not None:
+            self._on_storage_acked([(m.topic(), m.partition(), m.offset()) for m in batch])
+        if self._has_cdn:
+            with self._cdn_cond:
+                self._cdn_queue.append(_CdnUnit(wanted, stamp, ts_list))
+                self._cdn_cond.notify_all()
+
+    def _fail_safe(self, topic: str, table: str | None) -> set[Invalidation]:
+        """Invalidate the record's table for all tenants (every table if unknown)."""
+        if table is None:
+            tail = ".".join(topic.split(".")[-2:])
+            table = tail if tail in self.rules.tables else None
+        tables = [table] if table in self.rules.tables else sorted(self._all_tables)
+        found: set[Invalidation] = set()
+        for name in tables:
+            rule = self.rules.tables[name]
+            assert rule.table_tag is not None
+            found |= {Invalidation(ns, None, rule.table_tag) for ns in rule.namespaces}
+        return found
+
+    def _dead_letter(self, dead: list[tuple[Any, Exception]]) -> None:
+        errors: list[str] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        for msg, exc in dead:
+            headers = [
+                ("error", str(exc).encode()),
+                ("topic", msg.topic().encode()),
+                ("partition", str(msg.partition()).encode()),
+                ("offset", str(msg.offset()).encode()),
+            ]
+            log.warning(
+                "dead letter %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc
+            )
+            try:
+                self._producer.produce(
+                    self.settings.dead_letter_topic,
+                    value=msg.value(),
+                    key=msg.key(),
+                    headers=headers,
+                    on_delivery=delivered,
+                )
+            except (BufferError, Exception) as err:  # KafkaException, BufferError
+                errors.append(str(err))
+                break
+        remaining = self._producer.flush(self.settings.dead_letter_timeout)
+        if errors or remaining:
+            why = errors[0] if errors else f"{remaining} record(s) not confirmed"
+            raise DeadLetterError(
+                f"the dead-letter topic {self.settings.dead_letter_topic!r} did not confirm "
+                f"{len(dead)} record(s) ({why}); stopping without committing them"
+            )
+        for msg, _ in dead:
+            self.metrics.dead_letters.labels(msg.topic()).inc()
+
+    # -- invalidation with retries ----------------------------------------------------
+    def _apply_storage(self, by_ns: dict[str, set[Invalidation]]) -> bool:
+        pending = {ns: list(self._storage_layers[ns]) for ns in by_ns}
+        try:
+            return self._apply(by_ns, pending, "storage", self._wait_paused)
+        finally:
+            if self._paused:
+                self._consumer.resume(self._consumer.assignment())
+                self._paused = False
+                self.metrics.paused.set(0)
+
+    def _apply(
+        self,
+        by_ns: Mapping[str, set[Invalidation]],
+        pending: dict[str, list[str]],
+        side: str,
+        wait: Callable[[float], bool],
+    ) -> bool:
+        """Invalidate until every layer in ``pending`` acknowledged; False if told to stop."""
+        items = {ns: to_items(invs) for ns, invs in by_ns.items()}
+        attempt = 0
+        blocked: set[tuple[str, str]] = set()
+        try:
+            while True:
+                retry_after = 0.0
+                for ns in list(pending):
+                    layers = pending[ns]
+                    if not layers or not items[ns]:
+                        del pending[ns]
+                        continue
+                    result = self.targets[ns].invalidate_many(items[ns], layers=layers)
+                    failed = set(result.failed)
+                    for layer in layers:
+                        if layer not in failed:
+                            self.metrics.invalidations.labels(layer).inc(len(by_ns[ns]))
+                    for failure in getattr(result, "failures", ()):
+                        self.metrics.layer_failures.labels(failure.layer, failure.reason).inc()
+                        self.status.failing[failure.layer] = failure.reason
+                        key = (failure.layer, failure.reason)
+                        if key not in blocked:
+                            blocked.add(key)
+                            self.metrics.blocked.labels(*key).set(1)
+                        if failure.retry_after:
+                            retry_after = max(retry_after, failure.retry_after)
+                    for layer in failed - {f.layer for f in getattr(result, "failures", ())}:
+                        self.metrics.layer_failures.labels(layer, "error").inc()
+                        self.status.failing[layer] = "error"
+                    if failed:
+                        pending[ns] = [layer for layer in layers if layer in failed]
+                    else:
+                        del pending[ns]
+                if not pending:
+                    return True
+                attempt += 1
+                self.metrics.retries.labels(side).inc()
+                delay = min(
+                    self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1)
+                )
+                log.warning(
+                    "%s side: %s not acknowledged; retry %d in %.2f s",
+                    side,
+                    sorted({lay for ls in pending.values() for lay in ls}),
+                    attempt,
+                    max(delay, retry_after),
+                )
+                if not wait(max(delay, retry_after)):
+                    return False
+        finally:
+            for key in blocked:
+                self.metrics.blocked.labels(*key).set(0)
+                self.status.failing.pop(key[0], None)
+
+    def _wait_paused(self, delay: float) -> bool:
+        """Pause the assignment and keep polling for ``delay``; False when stopping."""
+        consumer = self._consumer
+        if not self._paused:
+            consumer.pause(consumer.assignment())
+            self._paused = True
+            self.metrics.paused.set(1)
+        if self._stop.is_set():
+            if self._stop_deadline is None:
+                self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
+            if time.monotonic() >= self._stop_deadline:
+                return False
+        deadline = time.monotonic() + delay
+        while True:
+            self.status.beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            msg = consumer.poll(min(left, 0.1))
+            if msg is not None:
+                # Fetched before the pause took effect (or from a new assignment):
+                # keep it for the next batch, in order.
+                self._carry.append(msg)
+                consumer.pause(consumer.assignment())
+            self._commit()
+
+    # -- the CDN side -------------------------------------------------------------------
+    def _cdn_loop(self) -> None:
+        while True:
+            with self._cdn_cond:
+                while not self._cdn_queue and not self._cdn_stop:
+                    self._cdn_cond.wait()
+                if not self._cdn_queue:
+                    return
+                units, self._cdn_queue = self._cdn_queue, []
+            merged: set[Invalidation] = set()
+            offsets: dict[TopicPartition, tuple[int, int]] = {}
+            ts_list: list[int] = []
+            for unit in units:  # FIFO: a later stamp of a partition supersedes an earlier
+                merged |= unit.invalidations
+                offsets.update(unit.stamp.offsets)
+                ts_list.extend(unit.ts_ms)
+            by_ns = _by_namespace(merged)
+            pending = {ns: list(self._cdn_layers[ns]) for ns in by_ns if self._cdn_layers[ns]}
+            if not self._apply(by_ns, pending, "cdn", self._wait_cdn):
+                return
+            now = self.clock()
+            for ts in ts_list:
+                self.metrics.commit_to_invalidated.labels("cdn").observe(max(0.0, now - ts / 1000))
+            self.progress.cdn_acked(Stamp(offsets))
+
+    def _wait_cdn(self, delay: float) -> bool:
+        with self._cdn_cond:
+            if self._cdn_stop and self._stop_deadline is None:
+                self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
+            if self._cdn_stop and time.monotonic() >= (self._stop_deadline or 0):
+                return False
+            self._cdn_cond.wait(delay)
+        return True
+
+    # -- commits, rebalance, lag -----------------------------------------------------------
+    def _commit(self) -> None:
+        ready = self.progress.committable()
+        if not ready or self._consumer is None:
+            return
+        self._commit_offsets(self._consumer, ready)
+
+    def _commit_offsets(self, consumer: Any, ready: Mapping[TopicPartition, int]) -> None:
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as KafkaTP
+
+        try:
+            consumer.commit(
+                offsets=[KafkaTP(t, p, o) for (t, p), o in ready.items()], asynchronous=False
+            )
+        except KafkaException as exc:
+            log.warning("commit of %s failed (retried on the next turn): %s", dict(ready), exc)
+            return
+        self.progress.committed(ready)
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("assigned %s", tps)
+        self.progress.assign(tps)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        ready = self.progress.release(tps)
+        log.info("revoked %s; committing %s", tps, ready)
+        if ready:
+            self._commit_offsets(consumer, ready)
+        for topic, partition in tps:
+            self.metrics.forget_partition(topic, partition)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.warning("lost %s; committing nothing", tps)
+        self.progress.release(tps)
+        for topic, partition in tps:
+            self.metrics.forget_partition(topic, partition)
+
+    def _lag_loop(self, client: Any) -> None:
+        try:
+            while not self._lag_stop.wait(self.settings.lag_interval):
+                self._refresh_lag(client)
+        finally:
+            client.close()
+
+    def _refresh_lag(self, client: Any) -> None:
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as KafkaTP
+
+        wall = self.clock()
+        for (topic, partition), (_, _, committed, oldest) in self.progress.snapshot().items():
+            try:
+                low, high = client.get_watermark_offsets(
+                    KafkaTP(topic, partition), timeout=0.5, cached=False
+                )
+                if committed is None:
+                    (tp,) = client.committed([KafkaTP(topic, partition)], timeout=0.5)
+                    committed = tp.offset if tp.offset >= 0 else low
+                    self.progress.set_committed((topic, partition), committed)
+            except KafkaException as exc:
+                log.debug("lag of %s[%d] unknown: %s", topic, partition, exc)
+                continue
+            if not self.progress.owns((topic, partition)):
+                continue  # revoked meanwhile: its gauges were removed
+            label = (topic, str(partition))
+            self.metrics.lag_messages.labels(*label).set(max(0, high - committed))
+            age = 0.0 if oldest is None else max(0.0, wall - oldest / 1000)
+            self.metrics.lag_seconds.labels(*label).set(age)
+
+
+def _by_namespace(invalidations: set[Invalidation]) -> dict[str, set[Invalidation]]:
+    by_ns: dict[str, set[Invalidation]] = defaultdict(set)
+    for inv in invalidations:
+        by_ns[inv.namespace].add(inv)
+    return dict(by_ns)

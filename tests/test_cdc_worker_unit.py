@@ -1,0 +1,350 @@
+"""The worker's logic without Kafka: progress bookkeeping, retries of failed layers only,
+coalescing, fail-safe mapping, the CDN's own progress, health and configuration."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cdc._progress import Progress
+from cdc._target import split_layers, to_items
+from cdc.config import load_config
+from cdc.health import HealthServer
+from cdc.rules import Invalidation, Rules, TableRule
+from cdc.worker import Worker, WorkerSettings
+from tieredcache.errors import ConfigurationError
+
+TP = ("shop.public.products", 0)
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+@dataclass
+class Failure:
+    layer: str
+    reason: str
+    retry_after: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Result:
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f.layer for f in self.failures]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class Layer:
+    name: str
+    cdc_role: str
+
+
+class FakeCache:
+    """Records calls; ``fail[layer]`` is how many more calls that layer fails."""
+
+    def __init__(self, namespace: str = "shop", cdn: bool = False) -> None:
+        self.namespace = namespace
+        self.layers: Sequence[Any] = [Layer("memory", "storage"), Layer("redis", "storage")]
+        if cdn:
+            self.layers = [*self.layers, Layer("cdn", "cdn")]
+        self.fail: dict[str, tuple[int, str, float | None]] = {}
+        self.calls: list[tuple[list[Any], list[str]]] = []
+
+    def invalidate_many(
+        self, items: Iterable[Any], *, layers: Collection[str] | None = None
+    ) -> Result:
+        names = list(layers or ())
+        self.calls.append((list(items), names))
+        failures = []
+        for name in names:
+            count, reason, retry_after = self.fail.get(name, (0, "", None))
+            if count > 0:
+                self.fail[name] = (count - 1, reason, retry_after)
+                failures.append(Failure(name, reason, retry_after))
+        return Result(failures)
+
+
+def rules() -> Rules:
+    return Rules(
+        [
+            TableRule("public.products", "tenant_id", ["product:{id}"], ["shop"]),
+            TableRule("public.categories", "tenant_id", ["category:{id}"], ["shop"]),
+        ],
+        message_prefix=None,
+    )
+
+
+def worker(cache: FakeCache, **overrides: Any) -> Worker:
+    values: dict[str, Any] = {
+        "bootstrap_servers": "127.0.0.1:1",
+        "topics": ["t"],
+        "backoff_initial": 0.01,
+        "backoff_max": 0.04,
+    }
+    values.update(overrides)
+    return Worker(WorkerSettings(**values), rules(), [cache])  # type: ignore[list-item]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_commit_waits_for_both_sides_and_never_passes_the_cdn() -> None:
+    progress = Progress(cdn=True)
+    progress.assign([TP])
+    first = progress.stamp({TP: 10}, {TP: 1000})
+    second = progress.stamp({TP: 20}, {TP: 2000})
+    progress.storage_acked(first)
+    progress.storage_acked(second)
+    assert progress.committable() == {}  # the CDN confirmed nothing yet
+    progress.cdn_acked(first)
+    assert progress.committable() == {TP: 10}
+    progress.committed({TP: 10})
+    assert progress.snapshot()[TP] == (20, 10, 10, 2000)  # oldest uncommitted event: 2000
+    assert progress.committable() == {}
+
+
+def test_without_a_cdn_the_storage_ack_is_enough() -> None:
+    progress = Progress(cdn=False)
+    progress.assign([TP])
+    progress.storage_acked(progress.stamp({TP: 5}, {}))
+    assert progress.committable() == {TP: 5}
+
+
+def test_an_ack_from_before_a_revoke_is_ignored() -> None:
+    """A batch read under an old assignment must not move the new assignment's commit."""
+    progress = Progress(cdn=False)
+    progress.assign([TP])
+    stale = progress.stamp({TP: 50}, {})
+    assert progress.release([TP]) == {}
+    progress.assign([TP])  # assigned again: reading restarts at the committed offset
+    progress.storage_acked(stale)
+    assert progress.committable() == {}
+
+
+def test_revoke_returns_what_may_still_be_committed() -> None:
+    progress = Progress(cdn=False)
+    progress.assign([TP])
+    progress.storage_acked(progress.stamp({TP: 7}, {}))
+    assert progress.release([TP]) == {TP: 7}
+    assert not progress.owns(TP)
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def test_invalidations_are_grouped_per_tenant_with_all_tenants_first() -> None:
+    items = to_items(
+        {
+            Invalidation("shop", "b", "x:1"),
+            Invalidation("shop", "a", "x:2"),
+            Invalidation("shop", "a", "x:1"),
+            Invalidation("shop", None, "table:t"),
+        }
+    )
+    assert [(i.tenant, tuple(i.tags)) for i in items] == [
+        (None, ("table:t",)),
+        ("a", ("x:1", "x:2")),
+        ("b", ("x:1",)),
+    ]
+
+
+def test_layers_split_into_storage_with_broadcast_and_cdn() -> None:
+    assert split_layers(FakeCache(cdn=True)) == (["memory", "redis", "broadcast"], ["cdn"])  # type: ignore[arg-type]
+
+
+def test_only_the_failed_layer_is_retried_with_backoff() -> None:
+    cache = FakeCache()
+    cache.fail["redis"] = (2, "refused", None)
+    w = worker(cache)
+    waits: list[float] = []
+    wanted = {"shop": {Invalidation("shop", "acme", "product:1")}}
+    assert w._apply(
+        wanted,
+        {"shop": ["memory", "redis", "broadcast"]},
+        "storage",
+        lambda d: waits.append(d) or True,
+    )
+    assert [names for _, names in cache.calls] == [
+        ["memory", "redis", "broadcast"],
+        ["redis"],
+        ["redis"],
+    ]
+    assert waits == [0.01, 0.02]
+    reg = w.metrics.registry
+    assert reg.get_sample_value("tieredcache_cdc_retries_total", {"side": "storage"}) == 2
+    assert (
+        reg.get_sample_value(
+            "tieredcache_cdc_layer_failures_total", {"layer": "redis", "reason": "refused"}
+        )
+        == 2
+    )
+    assert (
+        reg.get_sample_value("tieredcache_cdc_blocked", {"layer": "redis", "reason": "refused"})
+        == 0
+    )
+    assert reg.get_sample_value("tieredcache_cdc_invalidations_total", {"layer": "redis"}) == 1
+    assert w.status.failing == {}
+
+
+def test_retry_after_from_a_rate_limited_layer_is_honoured() -> None:
+    cache = FakeCache(cdn=True)
+    cache.fail["cdn"] = (1, "rate-limited", 0.7)
+    w = worker(cache)
+    waits: list[float] = []
+    w._apply(
+        {"shop": {Invalidation("shop", "acme", "product:1")}},
+        {"shop": ["cdn"]},
+        "cdn",
+        lambda d: waits.append(d) or True,
+    )
+    assert waits == [0.7]
+
+
+def test_a_stop_while_a_layer_fails_gives_up_the_batch() -> None:
+    """Told to stop, the worker leaves the batch uncommitted instead of waiting forever."""
+    cache = FakeCache()
+    cache.fail["redis"] = (1000, "timeout", None)
+    w = worker(cache)
+    blocked: list[bool] = []
+
+    def wait(delay: float) -> bool:
+        blocked.append(w.status.ready()[0])
+        return len(blocked) < 3
+
+    assert not w._apply(
+        {"shop": {Invalidation("shop", "a", "p:1")}}, {"shop": ["redis"]}, "storage", wait
+    )
+    assert blocked == [False, False, False]  # /readyz said why while it waited
+    assert w.status.ready() == (False, "starting")
+
+
+def test_a_dead_letter_invalidates_its_table_or_every_table() -> None:
+    w = worker(FakeCache())
+    assert w._fail_safe("shop.public.products", None) == {
+        Invalidation("shop", None, "table:public.products")
+    }
+    assert w._fail_safe("unknown-topic", None) == {
+        Invalidation("shop", None, "table:public.products"),
+        Invalidation("shop", None, "table:public.categories"),
+    }
+
+
+def test_every_namespace_of_the_rules_needs_a_cache() -> None:
+    with pytest.raises(ConfigurationError, match="shop"):
+        worker(FakeCache(namespace="other"))
+
+
+# --------------------------------------------------------------------------- health, config
+
+
+def test_health_endpoints_report_liveness_readiness_and_metrics() -> None:
+    w = worker(FakeCache())
+    server = HealthServer(w.status, w.metrics.registry, host="127.0.0.1", port=0).start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        assert get("/healthz") == (200, "ok\n")
+        assert get("/readyz") == (503, "starting\n")
+        w.status.consuming = True
+        assert get("/readyz") == (200, "ok\n")
+        w.status.failing["redis"] = "refused"
+        assert get("/readyz") == (503, "failing: redis: refused\n")
+        w.status.last_loop -= 3600
+        assert get("/healthz")[0] == 503
+        assert "tieredcache_cdc_events_per_second" in get("/metrics")[1]
+    finally:
+        server.stop()
+
+
+def test_config_file_loads_kafka_cache_and_worker_sections(tmp_path: Path) -> None:
+    path = tmp_path / "cdc.toml"
+    path.write_text("""
+[kafka]
+bootstrap_servers = "${BROKER}"
+topics = ["shop.public.products"]
+consumer = { "session.timeout.ms" = 6000 }
+[cache]
+redis_url = "redis://localhost:6379/0"
+[worker]
+batch_size = 10
+health_port = 9999
+[tables."public.products"]
+tenant_column = "tenant_id"
+tags = ["product:{id}"]
+namespaces = ["shop"]
+""")
+    config = load_config(path, env={"BROKER": "k:9092"})
+    assert config.worker.bootstrap_servers == "k:9092"
+    assert config.worker.batch_size == 10
+    assert config.worker.consumer_config()["session.timeout.ms"] == 6000
+    assert config.health_port == 9999
+    path.write_text(path.read_text().replace("batch_size", "batch_sise"))
+    with pytest.raises(ConfigurationError, match=r"\[worker\] unknown field\(s\) batch_sise"):
+        load_config(path, env={"BROKER": "k:9092"})
+
+
+class FailingProducer:
+    """A producer whose delivery reports all fail (an unreachable dead-letter topic)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        self.callbacks.append(kwargs["on_delivery"])
+
+    def flush(self, timeout: float) -> int:
+        for callback in self.callbacks:
+            callback("Local: Message timed out", None)
+        return 0
+
+
+class Msg:
+    def topic(self) -> str:
+        return "shop.public.products"
+
+    def partition(self) -> int:
+        return 3
+
+    def offset(self) -> int:
+        return 41
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"garbage"
+
+
+def test_an_unconfirmed_dead_letter_stops_the_worker() -> None:
+    from cdc.worker import DeadLetterError
+
+    w = worker(FakeCache())
+    w._producer = FailingProducer()
+    with pytest.raises(DeadLetterError, match=r"did not confirm 1 record.*Message timed out"):
+        w._dead_letter([(Msg(), ValueError("bad"))])
+    assert (
+        w.metrics.registry.get_sample_value(
+            "tieredcache_cdc_dead_letters_total", {"topic": "shop.public.products"}
+        )
+        is None
+    )
