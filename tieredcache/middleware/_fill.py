@@ -6,16 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Protocol
 
 from ..tenancy import get_tenant_var
 from ._capture import Capture
 from ._response import Responder, refusal
 from .routes import CacheRoute
 
-if TYPE_CHECKING:
-    from .middleware import HttpCache
+
+class HttpCache(Protocol):
+    """What the middleware needs of :class:`~tieredcache.TieredCache`."""
+
+    namespace: str
+
+    async def aget_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        tags: Iterable[str] = (),
+        tenant: str | None = None,
+        name: str = ...,
+        **policy: Any,
+    ) -> tuple[Any, Any]: ...
+
+    async def ainvalidate(
+        self, keys: Iterable[str] = (), *, tags: Iterable[str] = (), tenant: str | None = None
+    ) -> Any: ...
+
 
 log = logging.getLogger("tieredcache.http")
 

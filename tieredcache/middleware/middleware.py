@@ -43,13 +43,13 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import InvalidTenantError
 from ..tenancy import get_tenant_var, validate_tenant
 from . import _http
 from ._capture import Capture
-from ._fill import Filler, NotStored
+from ._fill import Filler, HttpCache, NotStored
 from ._response import CdnConfig, Responder, asks_no_cache
 from .routes import CacheRoute, CacheRoutes, RouteMatch, url_tag
 
@@ -64,28 +64,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-class HttpCache(Protocol):
-    """What the middleware needs of :class:`~tieredcache.TieredCache`."""
-
-    namespace: str
-
-    async def aget_or_load(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[Any]],
-        *,
-        ttl: float,
-        tags: Iterable[str] = (),
-        tenant: str | None = None,
-        name: str = ...,
-        **policy: Any,
-    ) -> tuple[Any, Any]: ...
-
-    async def ainvalidate(
-        self, keys: Iterable[str] = (), *, tags: Iterable[str] = (), tenant: str | None = None
-    ) -> Any: ...
 
 
 class TieredCacheMiddleware:
