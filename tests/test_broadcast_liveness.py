@@ -201,9 +201,16 @@ def test_a_cache_behind_a_black_hole_clears_its_in_process_layer(
         notifier = cache._replicas.notifier()
         proxy.black_hole()
         wait_until(lambda: not notifier.ready.is_set(), timeout=5.0, message="noticed")
+        # While it cannot hear the other replicas, this process keeps nothing in-process.
+        wait_until(lambda: memory.suspended, timeout=5.0, message="in-process layer suspended")
+        assert len(memory) == 0
         proxy.heal()
         wait_until(lambda: notifier.ready.is_set(), timeout=5.0, message="subscribed again")
+        wait_until(lambda: not memory.suspended, timeout=5.0, message="in-process layer back")
         assert len(memory) == 0
+        with tenant_scope("acme"):
+            assert load(1) == 1
+        assert len(memory) == 1
     finally:
         cache.close()
 

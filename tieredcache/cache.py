@@ -128,7 +128,11 @@ class TieredCache:
         )
         self._stack.broadcast_disabled = carrier is not None and not broadcast
         if broadcast and carrier is not None:
-            options: dict[str, Any] = {"publish_only": True} if broadcast == "publish" else {}
+            options: dict[str, Any] = (
+                {"publish_only": True}
+                if broadcast == "publish"
+                else {"on_down": self._stack.suspend_local, "on_up": self._stack.resume_local}
+            )
             self._replicas = carrier.replicas(
                 self.namespace, self._stack.drop_local, self._resync, **options
             )

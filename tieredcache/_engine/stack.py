@@ -305,8 +305,22 @@ class LayerStack:
             if at > self.epochs.get(name, 0.0):
                 self.epochs[name] = at
         for layer in self.memories:
-            layer.clear()
+            for name in epochs:
+                layer.delete_tag_everywhere(self.namespace, name)
         self.forget(everything=True)
+
+    def suspend_local(self) -> None:
+        """The replica broadcast is down: this process cannot hear invalidations, so
+        its in-process layers are emptied and refuse fills until :meth:`resume_local`
+        (reads go to the shared layers, which every invalidation reaches)."""
+        for layer in self.memories:
+            layer.suspend()
+        self.forget(everything=True)
+
+    def resume_local(self) -> None:
+        """The broadcast is proven again (after its resync): fill in-process again."""
+        for layer in self.memories:
+            layer.resume()
 
     def drop_local(self, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> None:
         """Another replica invalidated these: drop them from the in-process layers.

@@ -15,6 +15,9 @@ those (the types in the alias would differ, or the float would be a zero).
 
 Arguments left out of the key (``ignore=``, a method's ``self``) are left out
 of the alias too: an alias lives as long as its entry and must not keep them.
+The alias is flat, ``(id, tenant, *args, *types)``: n arguments make a tuple of
+2 + 2n items, so calls with different numbers of arguments never meet, and the
+call's own argument tuple is not kept alive with the entry.
 """
 
 from __future__ import annotations
@@ -62,5 +65,6 @@ def make_alias(
             if not _aliasable(value):
                 return None
             named.append((name, value, type(value)))
-        return (alias_id, tenant, args, *types, tuple(named))
-    return (alias_id, tenant, args, *types)
+        # Ends with a tuple, where a positional alias ends with a type: never equal.
+        return (alias_id, tenant, *args, *types, tuple(named))
+    return (alias_id, tenant, *args, *types)

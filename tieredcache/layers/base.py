@@ -130,6 +130,20 @@ class InProcessLayer(InvalidationLayer, Protocol):
         """Drop everything (a replica that may have missed invalidations)."""
         ...
 
+    def suspend(self) -> None:
+        """Drop everything and refuse fills until :meth:`resume` (the replica
+        broadcast is down: invalidations from other processes would be missed)."""
+        ...
+
+    def resume(self) -> None:
+        """Accept fills again (after a resync)."""
+        ...
+
+    def delete_tag_everywhere(self, namespace: str, name: str) -> None:
+        """Drop tag ``name`` in every tenant of ``namespace``, and refuse fills whose
+        lease predates this for any of them (an all-tenant invalidation)."""
+        ...
+
 
 @runtime_checkable
 class SharedLayer(InvalidationLayer, Protocol):

@@ -89,9 +89,11 @@ def wrap(impl: CachedImpl) -> Any:
             if alias is None:
                 return miss_(tenant, None, args, kwargs)
         elif len(args) == 1:
-            alias = (alias_id, tenant, args, type(args[0]))
+            # Flat: the arguments tuple itself is not kept alive by the entry (48 B).
+            arg = args[0]
+            alias = (alias_id, tenant, arg, type(arg))
         else:
-            alias = (alias_id, tenant, args, *map(type, args))
+            alias = (alias_id, tenant, *args, *map(type, args))
         try:
             slot = fast_get(alias)
         except TypeError:  # unhashable arguments: looked up by their key
