@@ -156,3 +156,40 @@ def test_templates_compare_by_text() -> None:
     assert TagTemplate("p:{id}") == TagTemplate("p:{id}")
     assert len({TagTemplate("p:{id}"), TagTemplate("p:{id}")}) == 1
     assert repr(TagTemplate("p:{id}")) == "TagTemplate('p:{id}')"
+
+
+def test_the_decorator_renders_the_same_tag_templates_as_the_cdc_rules() -> None:
+    """@cache.cached(tags=[TagTemplate(...)]) tags each entry from the call's arguments
+    (defaults applied, keyword or positional), so invalidating the tag a CDC rule
+    renders from the row drops exactly that entry."""
+    from tieredcache import MemoryLayer, TieredCache, tenant_scope
+
+    product = TagTemplate("product:{product_id}")
+    cache = TieredCache("tt", [MemoryLayer()])
+    loads: list[int] = []
+
+    @cache.cached(ttl=60, tags=[product, "table:products"])
+    def get_product(product_id: int, lang: str = "en") -> int:
+        loads.append(product_id)
+        return product_id
+
+    with tenant_scope("acme"):
+        get_product(1), get_product(product_id=2), get_product(1)
+        assert loads == [1, 2]
+        cache.invalidate(tags=[product.render({"product_id": 1})])
+        get_product(1), get_product(2)
+        assert loads == [1, 2, 1]
+        cache.invalidate(tags=["table:products"])
+        get_product(2)
+        assert loads == [1, 2, 1, 2]
+
+
+def test_a_tag_template_naming_no_parameter_fails_at_decoration() -> None:
+    from tieredcache import MemoryLayer, TieredCache
+
+    cache = TieredCache("tt", [MemoryLayer()])
+    with pytest.raises(TagTemplateError, match="get_product"):
+
+        @cache.cached(ttl=60, tags=[TagTemplate("product:{pid}")])
+        def get_product(product_id: int) -> int:
+            return product_id

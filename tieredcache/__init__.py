@@ -43,6 +43,7 @@ from .layers.redis import RedisLayer
 from .metrics import CacheStats, LayerStats, LoaderStats
 from .policy import Policy
 from .serde import JsonSerializer, MsgpackSerializer, PickleSerializer, Serializer
+from .tags import TagTemplate
 from .tenancy import current_tenant, tenant_scope, validate_tenant
 from .writeback import (
     AsyncFlusher,
@@ -102,6 +103,7 @@ __all__ = [
     "Serializer",
     "StorageLayer",
     "Tag",
+    "TagTemplate",
     "TenantError",
     "TenantRequiredError",
     "TieredCache",

@@ -27,6 +27,7 @@ from .layers.base import (
 from .metrics import CacheStats, Metrics
 from .policy import Policy
 from .serde import EntryCodec, MsgpackSerializer, Serializer
+from .tags import TagTemplate
 from .tenancy import current_tenant, tenant_scope, validate_tenant
 
 __all__ = ["Invalidation", "InvalidationResult", "TieredCache"]
@@ -146,7 +147,7 @@ class TieredCache:
         self,
         ttl: float,
         *,
-        tags: Callable[..., Iterable[str]] | Iterable[str] | None = None,
+        tags: Callable[..., Iterable[str]] | Iterable[str | TagTemplate] | None = None,
         key: Callable[..., str] | None = None,
         name: str | None = None,
         version: int | str = 1,
@@ -156,7 +157,8 @@ class TieredCache:
     ) -> CacheDecorator:
         """Cache a sync or async function (cache-aside: the function is the loader).
 
-        ``tags`` (names or a function of the same arguments) scope invalidation;
+        ``tags`` (names, :class:`~tieredcache.tags.TagTemplate` objects rendered from
+        the call's arguments, or a function of the same arguments) scope invalidation;
         ``key`` replaces the argument digest with your own key body; ``name``
         and ``version`` name the function in keys (bump ``version`` when the
         return shape changes, so old entries are never decoded into the new

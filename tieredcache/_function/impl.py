@@ -26,6 +26,7 @@ from ..errors import ConfigurationError, TenantRequiredError
 from ..keys import CacheKey, FunctionKeyBuilder, Tag, make_tags
 from ..metrics import FIELDS, HIT
 from ..policy import Policy
+from ..tags import TagTemplate
 from ..tenancy import get_tenant_var, tenant_scope, validate_tenant
 from ._alias import aliasable, make_alias
 
@@ -56,7 +57,7 @@ class CachedImpl:
         policy: Policy,
         func: Callable[..., Any],
         *,
-        tags: Callable[..., Iterable[str]] | Iterable[str] | None,
+        tags: Callable[..., Iterable[str]] | Iterable[str | TagTemplate] | None,
         key: Callable[..., str] | None,
         name: str | None,
         version: int | str,
@@ -100,7 +101,13 @@ class CachedImpl:
         if isinstance(tags, str):
             raise ConfigurationError(f"tags of {self.name} must be a list or a function, not a str")
         self.tags_fn = tags if callable(tags) else None
-        self.static_tags = tuple(tags) if tags is not None and not callable(tags) else ()
+        listed = tuple(tags) if tags is not None and not callable(tags) else ()
+        # Tag templates (the same objects the CDC rules and the HTTP routes use) are
+        # rendered from the call's bound arguments; plain names are used as they are.
+        self.static_tags = tuple(t for t in listed if not isinstance(t, TagTemplate))
+        self.tag_templates = tuple(t for t in listed if isinstance(t, TagTemplate))
+        for template in self.tag_templates:
+            template.check_fields(inspect.signature(func).parameters, where=f"{self.name}()")
         self.decode = stack.codec.serializer.decoder(_return_type(func))
         # Counters per tenant, looked up by the hit path; bounded like the metrics'
         # tenant labels (a tenant-id flood must not grow it without limit).
@@ -168,6 +175,9 @@ class CachedImpl:
 
     def tags(self, tenant: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tag, ...]:
         names: Iterable[str] = self.static_tags
+        if self.tag_templates:
+            bound = self.builder.bind(args, kwargs).arguments
+            names = (*names, *(template.render(bound) for template in self.tag_templates))
         if self.tags_fn is not None:
             names = (*names, *self.tags_fn(*args, **kwargs))
         return make_tags(self.stack.namespace, tenant, names) if names else ()
