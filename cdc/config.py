@@ -65,6 +65,9 @@ class InspectorSettings:
     group_id: str = "tieredcache-cdc-inspector"
     delay: float = 2.0
     health_port: int = 9465
+    # Where a new inspector group starts: "latest" checks changes from now on;
+    # "earliest" also checks what the topic still holds (a first run, a demo).
+    start: str = "latest"
 
 
 @dataclass(frozen=True)

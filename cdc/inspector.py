@@ -206,7 +206,7 @@ def run_inspector(config: Any, *, health_port: int | None = None) -> int:
             **settings.consumer_config(),
             "group.id": config.inspector.group_id,
             "enable.auto.commit": True,
-            "auto.offset.reset": "latest",
+            "auto.offset.reset": config.inspector.start,
         }
     )
     consumer.subscribe(list(settings.topics))
