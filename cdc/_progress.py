@@ -117,6 +117,12 @@ class Progress:
                 state = self._states.get(tp)
                 if state is None or state.generation != generation:
                     continue  # revoked since: the next owner replays from the commit
+                if side == "cdn":
+                    # Never past the storage side: the CDN refetching from a layer that
+                    # still holds the old value would cache it again, for its whole TTL.
+                    if state.storage is None:
+                        continue
+                    end = min(end, state.storage)
                 current = getattr(state, side)
                 if current is None or end > current:
                     setattr(state, side, end)

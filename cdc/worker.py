@@ -21,8 +21,14 @@ One loop, on one thread, per process (confluent-kafka is a blocking client):
    grows and ``tieredcache_cdc_blocked{layer,reason}`` says why. Nothing of a
    failed batch is committed and nothing after it is read.
 5. **CDN side**: invalidation-only layers get the batch on a thread of their own,
-   coalesced with whatever else is queued, retried the same way; a slow CDN
-   never holds back Redis and the in-process layers.
+   coalesced with whatever else is queued, within each layer's purge budget (a
+   token bucket in surrogate keys, per vendor: :mod:`cdc._cdn_budget`). Past the
+   budget the purge escalates (many tenants' tags of a table to the table key,
+   many tags of a tenant to the tenant key) and waits for tokens only when even
+   that does not fit; a 429 waits its ``Retry-After`` and re-plans what the vendor
+   did not take. Nothing is dropped; a slow CDN never holds back Redis and the
+   in-process layers. A ``CdnPurgeLayer`` is driven directly (``purge_keys`` then
+   ``flush``): its ``delete_tags`` only queues, so only its outcomes confirm.
 6. **Commit** a partition's offset when both sides acknowledged everything
    before it (:mod:`cdc._progress`): the committed offset never passes the
    CDN's progress, and the CDN's never passes the storage side's.
@@ -42,8 +48,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdc._cdn_budget import CdnBudget, Unit, plan, surrogate_keys, units_of
 from cdc._progress import Progress, Stamp, TopicPartition
-from cdc._target import InvalidationTarget, split_layers, to_items
+from cdc._target import CoreInvalidation, InvalidationTarget, split_layers, to_items
 from cdc.debezium import ChangeEvent, EventDecodeError, Ignored, decode_record
 from cdc.health import WorkerStatus
 from cdc.metrics import WorkerMetrics
@@ -55,6 +62,7 @@ __all__ = ["DeadLetterError", "Worker", "WorkerSettings"]
 log = logging.getLogger("cdc.worker")
 
 DEAD_LETTER_HEADERS = ("error", "topic", "partition", "offset")
+_DEFAULT: Any = object()
 
 
 class DeadLetterError(TieredCacheError):
@@ -113,6 +121,7 @@ class _CdnUnit:
     invalidations: set[Invalidation]
     stamp: Stamp
     ts_ms: list[int]
+    table_of: dict[Invalidation, str | None] = field(default_factory=dict)
 
 
 class Worker:
@@ -132,6 +141,8 @@ class Worker:
         status: WorkerStatus | None = None,
         clock: Callable[[], float] = time.time,
         on_storage_acked: Callable[[list[tuple[str, int, int]]], None] | None = None,
+        cdn_budgets: Mapping[str, CdnBudget | None] | None = None,
+        budget_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.rules = rules
@@ -149,6 +160,22 @@ class Worker:
         for ns, target in self.targets.items():
             self._storage_layers[ns], self._cdn_layers[ns] = split_layers(target)
         self._has_cdn = any(self._cdn_layers.values())
+        # One purge budget (a token bucket in surrogate keys) per CDN layer: the
+        # vendor's default unless ``cdn_budgets`` names it (None: unlimited).
+        self._cdn_buckets: dict[str, Any] = {}
+        self._cdn_objects: dict[tuple[str, str], Any] = {}
+        for ns, target in self.targets.items():
+            for layer in target.layers:
+                if layer.name not in self._cdn_layers[ns]:
+                    continue
+                self._cdn_objects[(ns, layer.name)] = layer
+                if layer.name in self._cdn_buckets:
+                    continue
+                given = (cdn_budgets or {}).get(layer.name, _DEFAULT)
+                budget = CdnBudget.for_layer(layer) if given is _DEFAULT else given
+                if budget is not None:
+                    self._cdn_buckets[layer.name] = budget.bucket(budget_clock)
+        self.cdn_escalations: dict[str, int] = defaultdict(int)
         self.metrics = metrics or WorkerMetrics()
         self.status = status or WorkerStatus()
         self.clock = clock
@@ -272,6 +299,7 @@ class Worker:
     # -- one batch ------------------------------------------------------------------
     def _process(self, batch: list[Any]) -> None:
         wanted: set[Invalidation] = set()
+        table_of: dict[Invalidation, str | None] = {}
         end_offsets: dict[TopicPartition, int] = {}
         oldest: dict[TopicPartition, int] = {}
         ts_list: list[int] = []
@@ -296,7 +324,13 @@ class Worker:
                 if isinstance(event, Ignored):
                     kinds[(topic, "ignored")] += 1
                     continue
-                wanted |= self.rules.invalidations(event)
+                found = self.rules.invalidations(event)
+                wanted |= found
+                if self._has_cdn:
+                    rule = self.rules.tables.get(event.table) if event.table else None
+                    table = rule.table_tag if rule is not None else None
+                    for inv in found:  # a tag two tables produce escalates to neither
+                        table_of[inv] = table if table_of.get(inv, table) == table else None
                 kinds[(topic, "change")] += 1
                 if event.ts_ms is not None:
                     ts_list.append(event.ts_ms)
@@ -323,7 +357,7 @@ class Worker:
             self._on_storage_acked([(m.topic(), m.partition(), m.offset()) for m in batch])
         if self._has_cdn:
             with self._cdn_cond:
-                self._cdn_queue.append(_CdnUnit(wanted, stamp, ts_list))
+                self._cdn_queue.append(_CdnUnit(wanted, stamp, ts_list, table_of))
                 self._cdn_cond.notify_all()
 
     def _fail_safe(self, topic: str, table: str | None) -> set[Invalidation]:
@@ -484,21 +518,157 @@ class Worker:
                 if not self._cdn_queue:
                     return
                 units, self._cdn_queue = self._cdn_queue, []
-            merged: set[Invalidation] = set()
-            offsets: dict[TopicPartition, tuple[int, int]] = {}
-            ts_list: list[int] = []
-            for unit in units:  # FIFO: a later stamp of a partition supersedes an earlier
-                merged |= unit.invalidations
-                offsets.update(unit.stamp.offsets)
-                ts_list.extend(unit.ts_ms)
-            by_ns = _by_namespace(merged)
-            pending = {ns: list(self._cdn_layers[ns]) for ns in by_ns if self._cdn_layers[ns]}
-            if not self._apply(by_ns, pending, "cdn", self._wait_cdn):
+            if not self._cdn_batch(units):
                 return
-            now = self.clock()
-            for ts in ts_list:
-                self.metrics.commit_to_invalidated.labels("cdn").observe(max(0.0, now - ts / 1000))
-            self.progress.cdn_acked(Stamp(offsets))
+
+    def _cdn_batch(self, units: list[_CdnUnit]) -> bool:
+        """Purge the queued batches (merged) from every CDN layer, within each layer's
+        budget; acknowledge their offsets once every layer confirmed. False: stopping."""
+        merged: set[Invalidation] = set()
+        table_of: dict[Invalidation, str | None] = {}
+        offsets: dict[TopicPartition, tuple[int, int]] = {}
+        ts_list: list[int] = []
+        for unit in units:  # FIFO: a later stamp of a partition supersedes an earlier
+            merged |= unit.invalidations
+            for inv, table in unit.table_of.items():
+                table_of[inv] = table if table_of.get(inv, table) == table else None
+            offsets.update(unit.stamp.offsets)
+            ts_list.extend(unit.ts_ms)
+        for ns, invs in sorted(_by_namespace(merged).items()):
+            for name in self._cdn_layers.get(ns, ()):
+                if not self._purge_layer(ns, name, invs, table_of):
+                    return False
+        now = self.clock()
+        for ts in ts_list:
+            self.metrics.commit_to_invalidated.labels("cdn").observe(max(0.0, now - ts / 1000))
+        self.progress.cdn_acked(Stamp(offsets))
+        return True
+
+    def _purge_layer(
+        self,
+        ns: str,
+        name: str,
+        invs: set[Invalidation],
+        table_of: Mapping[Invalidation, str | None],
+    ) -> bool:
+        """Purge ``invs`` from one CDN layer until it confirmed every key or a coarser
+        key covering it. Past the budget the plan escalates (:mod:`cdc._cdn_budget`); a
+        rate-limited answer waits its ``Retry-After`` and re-plans what is left;
+        nothing is dropped. False when stopping."""
+        layer = self._cdn_objects[(ns, name)]
+        bucket = self._cdn_buckets.get(name)
+        direct = callable(getattr(layer, "purge_keys", None)) and callable(
+            getattr(layer, "flush", None)
+        )
+        todo: set[Unit] = units_of(invs)
+        # Tenants some of whose tags went out: their overflow key is still due.
+        pinned: set[tuple[str, str]] = set()
+        attempt = 0
+        blocked: tuple[str, str] | None = None
+        # Without a configured budget, a 429 teaches one: what the vendor took last.
+        learned: float | None = None
+        try:
+            while todo:
+                budget = learned if bucket is None else bucket.available()
+                units = plan(todo, table_of, budget, keep_overflow=pinned, tenant_keys=direct)
+                if budget is not None and len(units) < len(todo):
+                    self.cdn_escalations[name] += 1
+                    log.warning(
+                        "%s: %d keys past the purge budget (%.0f left): escalated to %d",
+                        name, len(todo), budget, len(units),
+                    )  # fmt: skip
+                batch = units
+                if bucket is not None:
+                    need = min(len(units), int(bucket.capacity))
+                    wait = bucket.take(need)
+                    if wait > 0:  # not even the coarsest plan fits: wait for the tokens
+                        todo = set(units)
+                        if not self._wait_cdn(wait):
+                            return False
+                        continue
+                    batch = units[:need]  # more than the whole bucket: in parts
+                failure = self._send_cdn(ns, name, layer, batch, direct)
+                left = set() if failure is None else failure[0]
+                sent = set(batch) - left
+                pinned |= {(u.namespace, u.tenant) for u in sent if u.kind == "tag" and u.tenant}
+                done = (u for u in sent if u.kind in ("overflow", "tenant") and u.tenant)
+                pinned -= {(u.namespace, u.tenant) for u in done}
+                todo = (set(units) - sent) | left
+                if not todo and pinned:  # pragma: no cover - plan() sends overflow keys last
+                    todo = {Unit("overflow", n, t) for n, t in pinned}
+                if failure is None:
+                    continue
+                _, reason, retry_after = failure
+                attempt += 1
+                self.metrics.retries.labels("cdn").inc()
+                self.metrics.layer_failures.labels(name, reason).inc()
+                self.status.failing[name] = reason
+                if blocked != (name, reason):
+                    if blocked is not None:
+                        self.metrics.blocked.labels(*blocked).set(0)
+                    blocked = (name, reason)
+                    self.metrics.blocked.labels(*blocked).set(1)
+                delay = min(
+                    self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1)
+                )
+                if reason == "rate-limited":
+                    learned = float(max(1, len(sent)))
+                    if bucket is not None:
+                        bucket.drain()  # the vendor's budget is tighter than ours
+                    if retry_after is not None:
+                        delay = retry_after  # not a fault: wait what it asks, no more
+                log.warning(
+                    "cdn side: %s %s, %d keys left; retry in %.2f s", name, reason, len(todo), delay
+                )
+                if not self._wait_cdn(delay):
+                    return False
+            return True
+        finally:
+            if blocked is not None:
+                self.metrics.blocked.labels(*blocked).set(0)
+                self.status.failing.pop(name, None)
+
+    def _send_cdn(
+        self, ns: str, name: str, layer: Any, units: list[Unit], direct: bool
+    ) -> tuple[set[Unit], str, float | None] | None:
+        """Send ``units``; None when all were confirmed, else (units left, reason, retry_after)."""
+        if direct:
+            # A CdnPurgeLayer queues and answers at once: flush() is its confirmation,
+            # and the one place a rate limit (with the keys not purged) shows.
+            keys = surrogate_keys(layer.purger.scheme, units)
+            layer.flush()  # outcomes of anyone else's purges are not ours to judge
+            layer.purge_keys(list(keys))
+            left: set[Unit] = set()
+            reason, retry_after = "", None
+            for outcome in layer.flush():
+                if outcome.status == "purged":
+                    continue
+                left |= {keys[k] for k in outcome.keys if k in keys}
+                if outcome.status == "rate_limited":
+                    reason = "rate-limited"
+                    retry_after = max(retry_after or 0.0, outcome.retry_after or 0.0)
+                elif not reason:
+                    reason = "error"
+            if left:
+                self.metrics.invalidations.labels(name).inc(len(units) - len(left))
+                return left, reason or "error", retry_after
+            self.metrics.invalidations.labels(name).inc(len(units))
+            return None
+        by_tenant: dict[str | None, list[str]] = defaultdict(list)
+        for u in units:
+            if u.kind == "tag" or u.kind == "table":
+                by_tenant[u.tenant].append(u.name)
+            elif u.kind == "tenant":  # pragma: no cover - plan() escalates to tenants only
+                raise TieredCacheError(f"{name}: a tenant purge needs a CdnPurgeLayer")
+        items = [CoreInvalidation(t, tags=tuple(sorted(tags))) for t, tags in by_tenant.items()]
+        result = self.targets[ns].invalidate_many(items, layers=[name])
+        if result.ok:
+            self.metrics.invalidations.labels(name).inc(len(units))
+            return None
+        failures = list(getattr(result, "failures", ()))
+        reason = failures[0].reason if failures else "error"
+        waits = [f.retry_after for f in failures if f.retry_after]
+        return set(units), reason, (max(waits) if waits else None)
 
     def _wait_cdn(self, delay: float) -> bool:
         with self._cdn_cond:
@@ -506,6 +676,8 @@ class Worker:
                 self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
             if self._cdn_stop and time.monotonic() >= (self._stop_deadline or 0):
                 return False
+            if self._cdn_stop and self._stop_deadline is not None:
+                delay = min(delay, max(0.0, self._stop_deadline - time.monotonic()))
             self._cdn_cond.wait(delay)
         return True
 
