@@ -18,6 +18,12 @@ a rotated order and the median round is reported):
   (``benchmarks/.venvs/http_cashews``, made by ``peers.py`` with fastapi, uvicorn
   and psycopg beside cashews). If that venv cannot be made the row is left out and
   the report says why.
+- ``fastapi-cache2 @cache (Redis)``: the peer fastapi-cache2 (PyPI ``fastapi-cache2``),
+  its ``@cache(expire=...)`` on a FastAPI route with the same query, the
+  ``RedisBackend`` over ``redis.asyncio`` set up by ``FastAPICache.init(...)`` in the
+  app's lifespan (so this server runs with ``lifespan="on"``), warm in Redis; its own
+  venv ``benchmarks/.venvs/http_fastapi_cache``, made the same way and left out (with
+  the reason in the report) if it cannot be made or does not import.
 
 Then, once the throughput rows are done, ``tag purge -> fresh at Varnish``: the
 shop under uvicorn (in a thread of this process, dict-backed) behind a real
@@ -73,11 +79,26 @@ ROWS = [
     ("cart_bare", "non-cacheable, bare", "/cart/1"),
     ("cart_mw", "non-cacheable, middleware", "/cart/1"),
     ("cashews", "cashews @cache (Redis), FastAPI", "/products/1"),
+    ("fastapi_cache", "fastapi-cache2 @cache (Redis), FastAPI", "/products/1"),
 ]
-PEER_ROWS = {"cashews": "http_cashews"}  # row -> peer venv
-PEER_VENVS = {
+PEER_ROWS = {"cashews": "http_cashews", "fastapi_cache": "http_fastapi_cache"}  # row -> venv
+PEER_VENVS = {  # venv -> pip requirements
     "http_cashews": ["cashews[redis]", "hiredis", "fastapi", "uvicorn", "psycopg[binary]"],
-}
+    "http_fastapi_cache": [
+        "fastapi-cache2[redis]", "hiredis", "fastapi", "uvicorn", "psycopg[binary]",
+        "jinja2",  # fastapi_cache.coder imports starlette.templating, which needs it
+    ],
+}  # fmt: skip
+PEER_DISTRIBUTIONS = {  # venv -> the distributions whose versions the report names
+    "http_cashews": ["cashews", "fastapi", "uvicorn", "psycopg", "redis"],
+    "http_fastapi_cache": ["fastapi-cache2", "fastapi", "pydantic", "uvicorn", "psycopg",
+                           "redis"],
+}  # fmt: skip
+PEER_IMPORTS = {  # venv -> modules its server imports: a venv that cannot is left out
+    "http_cashews": ["cashews", "fastapi", "uvicorn", "psycopg"],
+    "http_fastapi_cache": ["fastapi_cache", "fastapi_cache.backends.redis",
+                           "fastapi_cache.decorator", "redis.asyncio", "uvicorn", "psycopg"],
+}  # fmt: skip
 SERVER_OF = {"not_modified": "hit_memory", "miss": "miss"}  # rows sharing a server
 MISS_LUA = """counter = 0
 request = function()
@@ -111,6 +132,7 @@ def serve(kind: str, port: int, dsn: str, redis_url: str) -> None:
         return None if row is None else {"id": row[0], "name": row[1], "price": row[2]}
 
     app: Any
+    lifespan = "off"
     if kind == "raw":
         bodies = {b"/products/1": b'{"id": 1, "name": "Product 1", "price": 10}'}
 
@@ -134,6 +156,33 @@ def serve(kind: str, port: int, dsn: str, redis_url: str) -> None:
             if found is None:
                 raise HTTPException(404)
             return found
+    elif kind == "fastapi_cache":  # in the peer venv: no tieredcache here
+        from collections.abc import AsyncIterator
+        from contextlib import asynccontextmanager
+
+        from fastapi import FastAPI, HTTPException
+        from fastapi_cache import FastAPICache
+        from fastapi_cache.backends.redis import RedisBackend
+        from fastapi_cache.decorator import cache as fastapi_cache
+        from redis import asyncio as aioredis
+
+        @asynccontextmanager
+        async def startup(_: Any) -> AsyncIterator[None]:
+            redis = aioredis.from_url(redis_url)  # bytes: fastapi-cache2's coders decode
+            FastAPICache.init(RedisBackend(redis), prefix="fastapi-cache")
+            yield
+            await getattr(redis, "aclose", redis.close)()
+
+        app = FastAPI(lifespan=startup)
+        lifespan = "on"
+
+        @app.get("/products/{product_id}")
+        @fastapi_cache(expire=300)
+        async def product(product_id: int) -> dict[str, Any]:
+            found = await load_product(product_id)
+            if found is None:
+                raise HTTPException(404)
+            return found
     elif kind in ("uncached", "cart_bare"):
         from examples.http_app import build_app
 
@@ -147,7 +196,7 @@ def serve(kind: str, port: int, dsn: str, redis_url: str) -> None:
         )
         app = create_app(TieredCache("bench", layers), load_product=load_product)
     uvicorn.run(app, host="127.0.0.1", port=port, workers=1, log_level="warning",
-                access_log=False, date_header=False, lifespan="off", ws="none")  # fmt: skip
+                access_log=False, date_header=False, lifespan=lifespan, ws="none")  # fmt: skip
 
 
 # ------------------------------------------------------------------ parent
@@ -296,9 +345,16 @@ def main() -> int:
     rows, pythons, left_out = list(ROWS), dict[str, str](), list[str]()
     for kind, venv in PEER_ROWS.items():
         peers.PEERS.setdefault(venv, PEER_VENVS[venv])
-        peers.DISTRIBUTIONS.setdefault(venv, ["cashews", "fastapi", "uvicorn", "psycopg", "redis"])
+        peers.DISTRIBUTIONS.setdefault(venv, PEER_DISTRIBUTIONS[venv])
         try:
-            pythons[kind] = str(peers.python_for(venv))
+            python = str(peers.python_for(venv))
+            check = "import sys, importlib\nfor m in sys.argv[1:]: importlib.import_module(m)"
+            done = subprocess.run([python, "-c", check, *PEER_IMPORTS[venv]],
+                                  capture_output=True, text=True, check=False)  # fmt: skip
+            if done.returncode != 0:
+                error = (done.stderr.strip().splitlines() or ["no error text"])[-1]
+                raise peers.PeerError(f"{venv} does not import its server's modules: {error}")
+            pythons[kind] = python
         except peers.PeerError as exc:
             rows = [row for row in rows if row[0] != kind]
             left_out.append(f"- {kind} left out: {str(exc).splitlines()[0]}")
