@@ -16,6 +16,7 @@ import redis
 
 from scripts.services import RedisService
 from tieredcache import BackendError, MemoryLayer, RedisLayer, TieredCache, tenant_scope
+from tieredcache.testing import wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -97,9 +98,9 @@ def _value_names(url: str) -> list[bytes]:
 def test_calls_keep_succeeding_after_redis_is_killed(
     fresh_redis_server: RedisService, make_cache: Callable[..., TieredCache]
 ) -> None:
-    """With Redis killed mid-run, cached keys come from L1, new keys from the loader; the
-    errors are counted and the Redis breaker opens."""
-    cache = make_cache(fresh_redis_server.url)
+    """Without a replica broadcast (one process), with Redis killed mid-run cached keys
+    come from L1, new keys from the loader; the errors are counted and the breaker opens."""
+    cache = make_cache(fresh_redis_server.url, broadcast=False)
     calls: list[int] = []
 
     @cache.cached(ttl=60, name="price")
@@ -121,11 +122,41 @@ def test_calls_keep_succeeding_after_redis_is_killed(
     assert stats.layers["memory"].hits >= 3
 
 
+def test_a_replica_that_cannot_hear_the_broadcast_bypasses_its_l1(
+    fresh_redis_server: RedisService, make_cache: Callable[..., TieredCache]
+) -> None:
+    """With the broadcast on, a killed Redis also kills the subscription: once the process
+    notices, its in-process layer is bypassed (it could not hear other replicas'
+    invalidations), so every call still succeeds, from the loader; errors are counted,
+    the breaker opens, and nothing is kept in-process until the subscription is back."""
+    cache = make_cache(fresh_redis_server.url)
+    memory = cache.layers[0]
+    calls: list[int] = []
+
+    @cache.cached(ttl=60, name="price")
+    def price(item: int) -> int:
+        calls.append(item)
+        return item * 10
+
+    with tenant_scope("acme"):
+        assert [price(i) for i in range(3)] == [0, 10, 20]
+        fresh_redis_server.kill()
+        wait_until(lambda: memory.suspended, timeout=5.0, message="subscription loss noticed")
+        assert [price(i) for i in range(3)] == [0, 10, 20]
+        assert [price(i) for i in range(3, 8)] == [30, 40, 50, 60, 70]
+        assert calls == [0, 1, 2, *range(8)]
+        assert len(memory) == 0
+    stats = cache.stats()
+    assert stats.layers["redis"].errors >= 5
+    assert stats.breakers["redis"] == "open"
+    assert stats.backends["broadcast"]["up"] == 0.0
+
+
 async def test_async_calls_keep_succeeding_after_redis_is_killed(
     fresh_redis_server: RedisService, make_cache: Callable[..., TieredCache]
 ) -> None:
     """The async path falls back the same way: L1 or loader, errors counted, breaker open."""
-    cache = make_cache(fresh_redis_server.url)
+    cache = make_cache(fresh_redis_server.url, broadcast=False)
     calls: list[int] = []
 
     @cache.cached(ttl=60, name="aprice")
