@@ -232,16 +232,9 @@ class TieredCache:
     def _request(
         self, key: str, tenant: str | None, ttl: float, tags: Iterable[str]
     ) -> ReadRequest:
-        scoped = self._tenant(tenant, "TieredCache")
-        return ReadRequest(
-            self._stack,
-            CacheKey(self.namespace, scoped, key),
-            make_tags(self.namespace, scoped, tags),
-            policy=Policy(ttl=ttl),
-            function=API_FUNCTION,
-            counters=self._counters(scoped),
-            loader=_no_loader,
-            decode=self._codec.serializer.decoder(Any),
+        """The request of an explicit get/set (they never load)."""
+        return self._load_request(
+            key, _no_loader, ttl, tags, tenant, API_FUNCTION, {}, caller="TieredCache"
         )
 
     def _loader_for(self, key: str) -> tuple[Any, Any]:
@@ -439,9 +432,9 @@ class TieredCache:
         tenant: str | None,
         name: str,
         options: dict[str, Any],
+        caller: str | None = None,
     ) -> ReadRequest:
-        scoped = self._tenant(tenant, name)
-        self._stack.start()
+        scoped = self._tenant(tenant, caller or name)
         return ReadRequest(
             self._stack,
             CacheKey(self.namespace, scoped, key),

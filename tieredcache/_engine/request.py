@@ -126,10 +126,6 @@ class ReadRequest:
         self.answered = -1
         self.answered_entry: Entry | None = None
 
-    @property
-    def now(self) -> float:
-        return self.stack.clock()
-
 
 def claim_refresh(req: ReadRequest) -> bool:
     """Whether the caller may start a background refresh of ``req``'s key (none is

@@ -273,7 +273,8 @@ class LayerStack:
             self.async_flights.forget(full_keys, tag_names)
 
     def start(self, counters: list[int] | None = None) -> None:
-        """On a process's first miss: subscribe to the replica broadcast, learn the
+        """On a process's first read or write (every engine entry point calls this; a
+        flag check after the first): subscribe to the replica broadcast, learn the
         all-tenant invalidations made before this process started, and publish the
         keyspace settings for CDC workers to check (one round trip)."""
         if self._started:

@@ -80,15 +80,17 @@ class CachedImpl:
             key=key,
         )
         self.tenant_param = self.builder.tenant_param
+        params = list(inspect.signature(func).parameters.values())
         # Arguments left out of the key are left out of the hit path's alias too (not
         # the tenant parameter: a string, and part of every alias anyway).
+        names = [p.name for p in params]
+        tenant_position = names.index(self.tenant_param) if self.tenant_param in names else None
         tenant_names = {self.tenant_param} if self.tenant_param else set()
         self.alias_dropped: tuple[frozenset[int], frozenset[str]] = (
-            frozenset(i for i in self.builder._ignored_positions if i != self._tenant_position()),
+            frozenset(i for i in self.builder._ignored_positions if i != tenant_position),
             frozenset(self.builder._ignore - tenant_names),
         )
         self.alias_plain = not any(self.alias_dropped)
-        params = list(inspect.signature(func).parameters.values())
         self.tenant_index = next(
             (
                 i
@@ -115,10 +117,6 @@ class CachedImpl:
         self._max_counters = stack.metrics.max_tenants + 1
         self.hit_index = stack.storage[0].index * FIELDS + HIT
         self.wrapper: Any = None  # set by attach()
-
-    def _tenant_position(self) -> int | None:
-        params = list(inspect.signature(self.func).parameters)
-        return params.index(self.tenant_param) if self.tenant_param in params else None
 
     def hit_lookup(self) -> tuple[Callable[[Hashable], Any], Callable[[Hashable], None]]:
         """The hit path's lookup and recency note (an always-missing lookup without an
@@ -223,14 +221,9 @@ class CachedImpl:
         key = self.cache_key(tenant, args, kwargs)
         return await engine_async.invalidate(self.stack, [key], (), self.counters_for(tenant))
 
-    def _started(self, req: ReadRequest) -> ReadRequest:
-        # Writes and refreshes may wait on fill wake-ups: the subscriber is up first.
-        self.stack.start()
-        return req
-
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function now and store its result (fills in flight lose to it)."""
-        req = self._started(self.request(self.tenant(args, kwargs), None, args, kwargs))
+        req = self.request(self.tenant(args, kwargs), None, args, kwargs)
         try:
             return engine_sync.refresh(req, False)
         finally:
@@ -238,7 +231,7 @@ class CachedImpl:
 
     async def arefresh(self, *args: Any, **kwargs: Any) -> Any:
         """Async :meth:`refresh`."""
-        req = self._started(self.request(self.tenant(args, kwargs), None, args, kwargs))
+        req = self.request(self.tenant(args, kwargs), None, args, kwargs)
         try:
             return await engine_async.refresh(req, False)
         finally:
@@ -248,7 +241,7 @@ class CachedImpl:
         tenant = self.tenant(args, kwargs)
         dropped, dropped_names = self.alias_dropped
         alias = make_alias(self.alias_id, tenant, args, kwargs, dropped, dropped_names)
-        return self._started(self.request(tenant, alias, args, kwargs))
+        return self.request(tenant, alias, args, kwargs)
 
     def put(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
         """Store ``value`` as the result for these arguments (every layer, every replica
@@ -274,7 +267,7 @@ class CachedImpl:
         reader_kwargs = {} if key_args else kwargs
         tenant = self.tenant(reader_args, reader_kwargs)
         loader = functools.partial(writer, *args, **kwargs)
-        return self._started(self.request(tenant, None, reader_args, reader_kwargs, loader))
+        return self.request(tenant, None, reader_args, reader_kwargs, loader)
 
     def write(self, writer: Callable[..., Any], key_args: Any, args: Any, kwargs: Any) -> Any:
         req = self._write_request(writer, key_args, args, kwargs)

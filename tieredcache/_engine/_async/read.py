@@ -72,6 +72,7 @@ async def read(req: ReadRequest) -> Any:
     others wait for its outcome. A follower whose leader's fill was refused by
     an invalidation reads again: it may have arrived after that invalidation.
     """
+    req.stack.start(req.counters)
     key = req.key.full
     retried = False
     while True:
@@ -105,6 +106,7 @@ async def read(req: ReadRequest) -> Any:
 
 async def lookup(req: ReadRequest) -> Any:
     """An explicit read: the value, or MISSING; never loads."""
+    req.stack.start(req.counters)
     hit, value = await _walk(req, [None] * len(req.stack.storage), False)
     return value if hit else MISSING
 
@@ -322,31 +324,22 @@ async def _lock(req: ReadRequest, token: str) -> tuple[Any, Any]:
 
 
 async def _unlock(req: ReadRequest, token: str) -> None:
-    guard = req.stack.lock_guard
-    assert guard is not None
-    await shared(
-        guard,
-        req.function,
-        req.counters,
-        req.failed,
-        "unlock",
-        guard.layer.arelease_fill_lock,
-        (req.key, token),
-        None,
-    )
+    """Release the fill lock this read holds (skipped if the layer failed it already)."""
+    await unlock(req, token, req.failed)
     req.lock_token = None
 
 
-async def unlock(req: ReadRequest, token: str) -> None:
-    """Release a fill lock a call held when it ended early (cancelled, a late load
-    that failed): compare-and-delete, so harmless if it is gone already."""
+async def unlock(req: ReadRequest, token: str, failed: set[int] | None = None) -> None:
+    """Release a fill lock by its token: compare-and-delete, so harmless if it is gone
+    already. Without ``failed``, also for a call that ended early (cancelled, a late
+    load that failed) whose layer failures no longer matter."""
     guard = req.stack.lock_guard
     if guard is not None:
         await shared(
             guard,
             req.function,
             req.counters,
-            None,
+            failed,
             "unlock",
             guard.layer.arelease_fill_lock,
             (req.key, token),
@@ -547,6 +540,7 @@ async def refresh(req: ReadRequest, use_lock: bool = True, seen: float | None = 
     only back-fill. An explicit refresh (``use_lock=False``) always recomputes.
     """
     stack = req.stack
+    stack.start(req.counters)
     leases: list[Any] = [None] * len(stack.storage)
     now = stack.clock()
     for position in range(len(stack.storage)):

@@ -36,6 +36,7 @@ BROADCAST = "broadcast"  # the name reported when the replicas could not be told
 
 async def write(req: ReadRequest) -> Any:
     """Write-through: leases, then the writer (the store first), then every layer."""
+    req.stack.start(req.counters)
     leases: list[Any] = [None] * len(req.stack.storage)
     await _missing_leases(req, leases)
     start = time.perf_counter()
@@ -48,6 +49,7 @@ async def write(req: ReadRequest) -> Any:
 
 async def put(req: ReadRequest, value: Any) -> None:
     """Explicit set: store everywhere, refusing fills that began before it."""
+    req.stack.start(req.counters)
     entry = make_entry(req.policy, value, req.stack.clock(), 0.0)
     leases: list[Any] = [None] * len(req.stack.storage)
     await _write_everywhere(req, entry, leases, conditional=False)

@@ -37,6 +37,7 @@ BROADCAST = "broadcast"  # the name reported when the replicas could not be told
 
 def write(req: ReadRequest) -> Any:
     """Write-through: leases, then the writer (the store first), then every layer."""
+    req.stack.start(req.counters)
     leases: list[Any] = [None] * len(req.stack.storage)
     _missing_leases(req, leases)
     start = time.perf_counter()
@@ -49,6 +50,7 @@ def write(req: ReadRequest) -> Any:
 
 def put(req: ReadRequest, value: Any) -> None:
     """Explicit set: store everywhere, refusing fills that began before it."""
+    req.stack.start(req.counters)
     entry = make_entry(req.policy, value, req.stack.clock(), 0.0)
     leases: list[Any] = [None] * len(req.stack.storage)
     _write_everywhere(req, entry, leases, conditional=False)

@@ -36,9 +36,7 @@ def miss(
 ) -> Any:
     """Not (fresh) in the in-process layer: the engine's read. A plain function that
     hands back the engine's coroutine: no frame of its own stays alive while it runs."""
-    req = impl.request(tenant, alias, args, kwargs)
-    impl.stack.start(req.counters)  # the replica subscription is up before a fill
-    return read(req)
+    return read(impl.request(tenant, alias, args, kwargs))
 
 
 async def near_expiry(

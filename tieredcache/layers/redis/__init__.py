@@ -248,11 +248,6 @@ class RedisLayer:
             "cluster": "1" if self.cluster else "0",
         }
 
-    def publish_settings(self, namespace: str) -> None:
-        """Publish this application's keyspace settings for ``namespace`` (read by
-        :meth:`check_settings` in a CDC worker)."""
-        self.sync_store().hash_set(self.keyspace.settings(namespace), self.settings())
-
     def check_settings(self, namespace: str) -> list[str]:
         """Problems that would make this layer invalidate names nobody reads: what an
         application published for ``namespace`` under this key prefix differs, or
