@@ -314,3 +314,16 @@ def test_batch_and_all_tenant_invalidation_work_on_redis_cluster(
     finally:
         app.close()
         worker.close()
+
+
+def test_a_later_process_reading_through_get_or_load_respects_an_all_tenant_invalidation(
+    redis_url: str, caches: list[TieredCache]
+) -> None:
+    """Every engine entry point learns the epochs on the process's first read."""
+    app = _app(redis_url, caches)
+    value, _ = app.get_or_load("k", lambda: "old", ttl=600, tags=["table:t"], tenant="acme")
+    assert value == "old"
+    assert app.invalidate_many([Invalidation(None, tags=("table:t",))]).ok
+    later = _app(redis_url, caches)
+    value, outcome = later.get_or_load("k", lambda: "new", ttl=600, tags=["table:t"], tenant="acme")
+    assert (value, outcome.state) == ("new", "miss")
