@@ -13,13 +13,21 @@ sent when the socket opens); TLS and custom connection classes keep redis-py
 for everything. A timeout or socket error closes that thread's socket and is
 raised as redis-py's ``TimeoutError`` / ``ConnectionError``; the next command
 opens a new one. After ``fork()`` a child never reuses its parent's sockets.
+
+The sockets are blocking, with the timeout enforced by the kernel
+(``SO_RCVTIMEO`` / ``SO_SNDTIMEO``) rather than by Python's ``settimeout``: a
+Python-level timeout makes every ``send`` and ``recv`` a ``poll`` first, and
+each of those system calls releases and retakes the GIL. Under many threads
+every release is a context switch, so this halves them per round trip.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
+import struct
 import threading
 import weakref
 from collections.abc import Sequence
@@ -38,6 +46,27 @@ try:  # redis-py's mapping of error replies to exception classes (NOSCRIPT, LOAD
     parse_error: Any = BaseParser.parse_error
 except ImportError:  # pragma: no cover - older or newer redis-py layouts
     parse_error = redis.exceptions.ResponseError
+
+
+# Bumped in a forked child: a socket opened before the fork belongs to the parent.
+# (A counter read per command instead of an ``os.getpid()`` system call.)
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 class ReplyError(Exception):
@@ -87,12 +116,13 @@ def handshake(username: str | None, password: str | None, db: int) -> list[tuple
 
 
 class _Socket:
-    __slots__ = ("__weakref__", "pid", "reader", "sock")
+    __slots__ = ("__weakref__", "generation", "pid", "reader", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = hiredis.Reader(replyError=ReplyError)
         self.pid = os.getpid()
+        self.generation = _fork_generation
         # A layer that was never closed: its threads' sockets close quietly when
         # collected (or at exit), as redis-py's connections do, instead of warning.
         weakref.finalize(self, sock.close)
@@ -128,7 +158,7 @@ class DirectConnections:
     def execute(self, *args: Any) -> Any:
         """Send one command and wait for its reply (an error reply is raised)."""
         conn: _Socket | None = getattr(self._local, "conn", None)
-        if conn is None or conn.pid != os.getpid():
+        if conn is None or conn.generation != _fork_generation:
             conn = self._connect()
         try:
             reply = self._round_trip(conn, pack(args))
@@ -155,6 +185,10 @@ class DirectConnections:
         except TimeoutError:
             raise redis.exceptions.TimeoutError(f"Timeout reading from {self.address}") from None
         except OSError as exc:
+            if exc.errno in _WOULD_BLOCK:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
+                raise redis.exceptions.TimeoutError(
+                    f"Timeout talking to {self.address}"
+                ) from None
             raise redis.exceptions.ConnectionError(
                 f"Error talking to {self.address}: {exc}"
             ) from exc
@@ -171,7 +205,7 @@ class DirectConnections:
             sock.connect(self._target)
             if self._family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.timeout)
+            self._kernel_timeouts(sock)
         except TimeoutError:
             sock.close()
             raise redis.exceptions.TimeoutError(f"Timeout connecting to {self.address}") from None
@@ -193,6 +227,17 @@ class DirectConnections:
             self._open.add(conn)
         self._local.conn = conn
         return conn
+
+    def _kernel_timeouts(self, sock: socket.socket) -> None:
+        """Blocking mode, the timeout kept by the kernel (see the module docstring)."""
+        try:
+            timeval = _timeval(self.timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        except (OSError, AttributeError, struct.error):  # no SO_*TIMEO here: poll first
+            sock.settimeout(self.timeout)
+        else:
+            sock.settimeout(None)
 
     def _drop(self, conn: _Socket) -> None:
         if getattr(self._local, "conn", None) is conn:
