@@ -248,12 +248,15 @@ class TieredCache:
         """The value under ``key`` for the tenant in scope, or ``default``.
 
         If a :meth:`read_through` loader owns the key's prefix, a miss loads
-        through it instead of returning ``default``.
+        through it instead of returning ``default``. ``get`` does not know which
+        tags the entry was stored with: after an all-tenant invalidation
+        (``Invalidation(None, tags=...)``) it treats every entry stored before
+        it as absent, whatever its tags (wider, never stale).
         """
         loader, ident = self._loader_for(key)
         if loader is not None:
             return cached_impl(loader).call_for_tenant(self._tenant(tenant, key), ident)
-        value = engine_sync.lookup(self._request(key, tenant, 1.0, ()))
+        value = engine_sync.lookup(self._request(key, tenant, 1.0, ()), tags_known=False)
         return default if value is MISSING else value
 
     async def aget(self, key: str, *, tenant: str | None = None, default: Any = None) -> Any:
@@ -261,7 +264,7 @@ class TieredCache:
         loader, ident = self._loader_for(key)
         if loader is not None:
             return await cached_impl(loader).acall_for_tenant(self._tenant(tenant, key), ident)
-        value = await engine_async.lookup(self._request(key, tenant, 1.0, ()))
+        value = await engine_async.lookup(self._request(key, tenant, 1.0, ()), tags_known=False)
         return default if value is MISSING else value
 
     def set(

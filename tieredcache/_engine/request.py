@@ -148,6 +148,14 @@ def predates_epoch(req: ReadRequest, entry: Entry) -> bool:
     return False
 
 
+def predates_any_epoch(req: ReadRequest, entry: Entry) -> bool:
+    """For a read that does not know the entry's tags (an explicit ``get``): whether
+    its load began before the latest all-tenant invalidation of any tag name. Such
+    an entry may carry that tag, so it is not served (wider, never stale)."""
+    epochs = req.stack.epochs
+    return bool(epochs) and entry.created_at - entry.compute_time <= max(epochs.values())
+
+
 def count(req: ReadRequest, position: int, field: int) -> None:
     """Count ``field`` (HIT, MISS, ...) on the storage layer at ``position``."""
     req.counters[req.stack.storage[position].index * FIELDS + field] += 1

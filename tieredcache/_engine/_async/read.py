@@ -56,6 +56,7 @@ from ..request import (
     decode_entry,
     fill_token,
     make_entry,
+    predates_any_epoch,
     predates_epoch,
     xfetch_band_start,
     xfetch_due,
@@ -104,10 +105,12 @@ async def read(req: ReadRequest) -> Any:
     return value
 
 
-async def lookup(req: ReadRequest) -> Any:
-    """An explicit read: the value, or MISSING; never loads."""
+async def lookup(req: ReadRequest, tags_known: bool = True) -> Any:
+    """An explicit read: the value, or MISSING; never loads. ``tags_known=False``:
+    the caller does not know the entry's tags (``cache.get(key)``), so an entry
+    older than any all-tenant invalidation is not served."""
     req.stack.start(req.counters)
-    hit, value = await _walk(req, [None] * len(req.stack.storage), False)
+    hit, value = await _walk(req, [None] * len(req.stack.storage), False, not tags_known)
     return value if hit else MISSING
 
 
@@ -153,10 +156,13 @@ async def _get_or_lock(req: ReadRequest, position: int, token: str) -> tuple[Any
     return got  # type: ignore[no-any-return]
 
 
-async def _walk(req: ReadRequest, leases: list[Any], fuse: bool) -> tuple[bool, Any]:
+async def _walk(
+    req: ReadRequest, leases: list[Any], fuse: bool, untagged: bool = False
+) -> tuple[bool, Any]:
     """Read the layers fastest first -> (True, value) on a fresh hit, else (False, the
     freshest stale entry met or None). ``fuse``: the fill-lock layer's read also
-    tries the lock when the key is absent there."""
+    tries the lock when the key is absent there. ``untagged``: the request does not
+    know the entry's tags (see :func:`lookup`)."""
     stack = req.stack
     now = stack.clock()
     stale: Entry | None = None
@@ -176,7 +182,11 @@ async def _walk(req: ReadRequest, leases: list[Any], fuse: bool) -> tuple[bool, 
             # their lease later, so the generation this delete bumps is included.)
             count(req, position, ERROR)
             await _delete(req, position, force=False)
-        if entry is not None and stack.epochs and predates_epoch(req, entry):
+        if (
+            entry is not None
+            and stack.epochs
+            and (predates_any_epoch(req, entry) if untagged else predates_epoch(req, entry))
+        ):
             entry = None  # its load began before an all-tenant invalidation of a tag
         if entry is not None and entry.fresh_until > now:
             count(req, position, HIT)
