@@ -186,9 +186,7 @@ class DirectConnections:
             raise redis.exceptions.TimeoutError(f"Timeout reading from {self.address}") from None
         except OSError as exc:
             if exc.errno in _WOULD_BLOCK:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
-                raise redis.exceptions.TimeoutError(
-                    f"Timeout talking to {self.address}"
-                ) from None
+                raise redis.exceptions.TimeoutError(f"Timeout talking to {self.address}") from None
             raise redis.exceptions.ConnectionError(
                 f"Error talking to {self.address}: {exc}"
             ) from exc
