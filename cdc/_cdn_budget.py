@@ -1,9 +1,13 @@
 """The CDN side's purge budget and escalation: never drop a purge, send fewer keys.
 
 A CDN limits purges (Akamai: a bucket of 5,000 tags refilled at 500 a minute;
-Cloudflare: a bucket of requests of up to 100 tags, per plan). The worker keeps
-one :class:`~tieredcache.layers.cdn.TokenBucket` per CDN layer, counted in
-surrogate keys, and plans each batch against what the bucket holds *now*:
+Cloudflare: a bucket of requests of up to 100 tags, per plan). The worker plans
+each batch against what the layer's budget holds *now*, counted in surrogate keys.
+One bucket is the truth, charged once per purge: when the layer's purger keeps
+its own :class:`~tieredcache.layers.cdn.TokenBucket` (Cloudflare, Akamai), the
+worker reads that one (:class:`PurgerBucket`: it plans and waits with it, the
+purger takes the tokens as it sends, and the application's own purges through
+the same purger count too); otherwise (Fastly) it keeps a :class:`KeyBucket`.
 
 * fine: every tenant-scoped tag's key, plus each such tenant's overflow key
   (``namespace:tenant:~``, see :mod:`tieredcache.layers.cdn.surrogate`), plus the
@@ -32,18 +36,23 @@ stale page. :func:`plan` is pure; the worker sends its :class:`Unit` s.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from cdc.rules import Invalidation
+
+if TYPE_CHECKING:  # the CDN package needs httpx: imported where a CDN layer exists
+    from tieredcache.layers.cdn.limits import TokenBucket
 
 __all__ = [
     "VENDOR_BUDGETS",
     "CdnBudget",
     "KeyBucket",
+    "PurgerBucket",
     "Unit",
     "cost",
     "plan",
@@ -80,12 +89,19 @@ class Unit:
 class CdnBudget:
     """A CDN layer's purge budget in surrogate keys: ``capacity``, refilled at ``rate``/s.
 
+    ``shared``: the purger's own token bucket, when the budget is a view of it
+    (:meth:`for_layer`); ``keys_per_token`` converts its tokens to keys. A budget
+    given by hand (``Worker(cdn_budgets=...)``) is a bucket of the worker's own: a
+    cap on what the worker spends, on top of any limit the purger keeps.
+
     >>> CdnBudget.for_vendor("akamai").capacity
     5000
     """
 
     capacity: float
     rate: float
+    shared: TokenBucket | None = field(default=None, compare=False, repr=False)
+    keys_per_token: float = 1.0
 
     @classmethod
     def for_vendor(cls, vendor: str, plan: str | None = None) -> CdnBudget | None:
@@ -101,14 +117,24 @@ class CdnBudget:
 
     @classmethod
     def for_layer(cls, layer: Any) -> CdnBudget | None:
-        """The default budget of a ``CdnPurgeLayer`` (by its purger's vendor), else None."""
+        """The budget of a ``CdnPurgeLayer``: its purger's own token bucket if it keeps
+        one (the one truth: charged once, by the purger), else its vendor's default,
+        else None (unlimited)."""
         purger = getattr(layer, "purger", None)
         scheme = getattr(purger, "scheme", None)
         if scheme is None:
             return None
+        shared = getattr(purger, "bucket", None)
+        if shared is not None:
+            per_token = float(getattr(purger, "keys_per_token", 1.0))
+            return cls(shared.capacity * per_token, shared.rate * per_token, shared, per_token)
         return cls.for_vendor(scheme.vendor, getattr(purger, "plan", None))
 
-    def bucket(self, clock: Callable[[], float] = time.monotonic) -> KeyBucket:
+    def bucket(self, clock: Callable[[], float] = time.monotonic) -> KeyBucket | PurgerBucket:
+        """The bucket the worker plans with: a view of ``shared`` (which keeps its own
+        clock), else a new :class:`KeyBucket` on ``clock``."""
+        if self.shared is not None:
+            return PurgerBucket(self.shared, self.keys_per_token)
         return KeyBucket(self.capacity, self.rate, clock)
 
 
@@ -228,6 +254,34 @@ class KeyBucket:
         """The vendor refused: its budget is tighter than ours (another client shares it)."""
         self.available()
         self._tokens = 0.0
+
+
+class PurgerBucket:
+    """A purger's token bucket seen in surrogate keys, with :class:`KeyBucket`'s methods.
+
+    :meth:`take` only says whether the keys fit (and how long until they do): the
+    purger takes the tokens when it sends the purge, so a purge costs its tokens
+    once, not once here and once there.
+    """
+
+    def __init__(self, bucket: TokenBucket, keys_per_token: float = 1.0) -> None:
+        self.shared = bucket
+        self.keys_per_token = keys_per_token
+        self.capacity = bucket.capacity * keys_per_token
+        self.rate = bucket.rate * keys_per_token
+
+    def available(self) -> float:
+        return self.shared.available() * self.keys_per_token
+
+    def take(self, n: float) -> float:
+        """0.0 if ``n`` keys fit now, else the seconds until they do; takes nothing."""
+        n = min(n, self.capacity)
+        tokens = min(self.shared.capacity, math.ceil(n / self.keys_per_token - 1e-9))
+        return self.shared.wait_time(tokens)
+
+    def drain(self) -> None:
+        """The vendor refused: its budget is tighter than ours (another client spends it)."""
+        self.shared.drain()
 
 
 def surrogate_keys(scheme: Any, units: Iterable[Unit]) -> dict[str, Unit]:

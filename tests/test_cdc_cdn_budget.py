@@ -10,15 +10,20 @@ from typing import Any
 
 import pytest
 
-from cdc._cdn_budget import CdnBudget, KeyBucket, plan, surrogate_keys, units_of
+from cdc._cdn_budget import CdnBudget, KeyBucket, PurgerBucket, plan, surrogate_keys, units_of
 from cdc._progress import Progress
 from cdc.rules import Invalidation, Rules, TableRule
 from cdc.worker import Worker, WorkerSettings, _CdnUnit
+from tests.cdn_vendor_server import VendorServer
 from tieredcache.keys import Tag
 from tieredcache.layers.cdn import (
+    AKAMAI,
     FASTLY,
+    AkamaiPurger,
     CdnPurgeLayer,
+    CloudflarePurger,
     PurgeRateLimitedError,
+    TokenBucket,
     purge_keys,
     table_key,
     tenant_key,
@@ -262,3 +267,81 @@ def test_a_stop_while_rate_limited_gives_up_without_acking(stop_after: float) ->
     assert worker.progress.committable() == {}
     with layer._cond:  # the layer itself holds nothing: close() would not block
         assert not layer._pending
+
+
+# --------------------------------------------------------------------------- one budget
+
+
+def _frozen() -> float:
+    return 1000.0
+
+
+def test_one_purge_costs_one_token_of_the_purgers_own_bucket() -> None:
+    """The worker plans with the Akamai purger's own bucket (10 tags, no refill) and
+    does not keep a second one: the application's 4 keys and the worker's keys are
+    each charged once, the worker escalated to what was left, and no purge was
+    refused or made to wait by the purger."""
+    with VendorServer(clock=_frozen) as server:
+        purger = AkamaiPurger(
+            server.url,
+            client_token=server.akamai_client_token,
+            client_secret=server.akamai_client_secret,
+            access_token=server.akamai_access_token,
+            bucket=TokenBucket(10, 1e-9, _frozen),
+            clock=_frozen,
+            sleep=lambda s: pytest.fail(f"the purger waited {s}s for its bucket"),
+        )
+        layer = CdnPurgeLayer(purger, name="edge")
+        settings = WorkerSettings(bootstrap_servers="127.0.0.1:1", topics=["t"])
+        worker = Worker(settings, rules(), [Target(layer)])  # the default budget
+        assert layer.purge_keys(["app-a", "app-b", "app-c", "app-d"]).wait(10)
+        assert worker._cdn_buckets["edge"].available() == pytest.approx(6)
+        invs, tables = batch(20, 3)
+        try:
+            assert run_batch(worker, invs, tables)
+        finally:
+            layer.close()
+        sent = server.keys("akamai")[4:]
+    assert 0 < len(sent) <= 6 and worker.cdn_escalations["edge"] >= 1
+    assert purger.bucket is not None
+    assert purger.bucket.available() == pytest.approx(10 - 4 - len(sent))
+    assert worker._cdn_buckets["edge"].available() == purger.bucket.available()
+    assert covered_at(AKAMAI, invs, sent) == []
+
+
+def test_a_cloudflare_budget_is_its_request_bucket_read_in_tags() -> None:
+    """Cloudflare charges a request of up to 100 tags: the worker's view of the pro
+    plan's 25 requests is 2,500 keys; asking whether keys fit takes nothing; a
+    vendor 429 (drain) empties the one bucket both share."""
+    purger = CloudflarePurger("ZONE", api_token="t", plan="pro", clock=_frozen)
+    budget = CdnBudget.for_layer(CdnPurgeLayer(purger))
+    assert budget is not None and (budget.capacity, budget.rate) == (2500, 500)
+    view = budget.bucket()
+    assert isinstance(view, PurgerBucket) and view.available() == 2500
+    assert purger.bucket is not None and purger.bucket.reserve(3) == 0.0  # 3 requests sent
+    assert view.available() == 2200
+    assert view.take(150) == 0.0 and view.take(150) == 0.0  # two requests fit; none taken
+    assert purger.bucket.available() == 22
+    view.drain()
+    assert purger.bucket.available() == 0 and view.take(101) == pytest.approx(2 / 5.0)
+
+
+def test_a_purger_without_a_bucket_keeps_the_vendor_default() -> None:
+    budget = CdnBudget.for_layer(CdnPurgeLayer(RationedPurger(quota=1)))  # type: ignore[arg-type]
+    assert budget is not None and budget == CdnBudget.for_vendor("fastly")
+    assert isinstance(budget.bucket(), KeyBucket)
+
+
+def covered_at(scheme: Any, invs: set[Invalidation], purged: Collection[str]) -> list[Invalidation]:
+    """``covered`` at another vendor's encoding."""
+    done = set(purged)
+    missing = []
+    for inv in invs:
+        assert inv.tenant is not None
+        tag = Tag(inv.namespace, inv.tenant, inv.tag)
+        table = PRODUCTS if inv.tag.startswith("product:") else CATEGORIES
+        if set(purge_keys(scheme, [tag])) <= done or table_key(scheme, "shop", table) in done:
+            continue
+        if tenant_key(scheme, inv.namespace, inv.tenant) not in done:
+            missing.append(inv)
+    return missing

@@ -144,7 +144,7 @@ def test_public_names_and_docstring_examples() -> None:
     assert len(set(cdn.__all__)) == len(cdn.__all__)
     assert all(hasattr(cdn, name) for name in cdn.__all__)
     modules = ["akamai", "base", "cloudflare", "edgegrid", "errors", "fastly", "layer"]
-    modules += ["limits", "model", "surrogate", "varnish"]
+    modules += ["limits", "model", "surrogate", "ticket", "varnish"]
     for name in modules:
         module = importlib.import_module(f"tieredcache.layers.cdn.{name}")
         result = doctest.testmod(module)

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from scripts.varnish_service import VarnishError, VarnishService, free_port
+from tieredcache import MemoryLayer, TieredCache
 from tieredcache.errors import BackendError
 from tieredcache.keys import CacheKey, Tag
 from tieredcache.layers.cdn import (
@@ -36,6 +37,7 @@ from tieredcache.layers.cdn import (
     purge_keys,
     response_header,
 )
+from tieredcache.testing import wait_until
 
 
 class Backend:
@@ -227,6 +229,52 @@ def test_layer_async_purge(nodes: list[VarnishService]) -> None:
     assert outcome.status == "purged" and outcome.result is not None
     assert outcome.result.purged == 1
     assert get(nodes[1], f"/{t}?tags={t}")[0] == "MISS"
+
+
+def test_a_dead_node_reaches_the_invalidation_result_once_settled(
+    nodes: list[VarnishService],
+) -> None:
+    """Through a cache: the call returns with the CDN pending; the settled result
+    names the layer 'refused' (one node down), and the live node was purged."""
+    d = unique("rd")
+    get(nodes[0], f"/{d}?tags={d}")
+    dead = f"http://127.0.0.1:{free_port()}"
+    purger = VarnishPurger([dead, nodes[0].url], retry=RetryPolicy(max_attempts=2, base_delay=0.01))
+    cache = TieredCache("shop", [MemoryLayer(), CdnPurgeLayer(purger, name="edge")])
+    try:
+        result = cache.invalidate(tags=[d], tenant="Acme")
+        assert result.ok and result.pending == ["edge"]
+        settled = result.wait_purges(timeout=10)
+    finally:
+        cache.close()
+    assert settled.failed == ["edge"] and settled.pending == []
+    assert [f.reason for f in settled.failures] == ["refused"]
+    assert get(nodes[0], f"/{d}?tags={d}")[0] == "MISS"
+
+
+def test_the_second_purge_evicts_a_copy_refetched_after_the_first(
+    nodes: list[VarnishService],
+) -> None:
+    """A page refetched between the two purges (a replica that still served the old
+    value) is evicted by the second purge, second_purge_after later."""
+    s = unique("sp")
+    path = f"/{s}?tags={s}"
+    get(nodes[0], path)
+    seconds: list[Any] = []
+    layer = CdnPurgeLayer(
+        VarnishPurger([nodes[0].url]),
+        second_purge_after=0.3,
+        on_outcome=lambda o: seconds.append(o) if o.second else None,
+    )
+    try:
+        assert layer.delete_tags([Tag("shop", "Acme", s)]).wait(10)
+        assert get(nodes[0], path)[0] == "MISS"  # refetched: cached again
+        assert get(nodes[0], path)[0] == "HIT"
+        wait_until(lambda: seconds, message="the second purge went out")
+    finally:
+        layer.close()
+    assert seconds[0].status == "purged" and seconds[0].result.purged == 1
+    assert get(nodes[0], path)[0] == "MISS"
 
 
 def test_start_failure_carries_the_varnish_log_tail() -> None:

@@ -19,6 +19,14 @@ from tieredcache import (
 )
 from tieredcache.errors import ConfigurationError
 from tieredcache.keys import CacheKey, Tag
+from tieredcache.layers.cdn import (
+    FASTLY,
+    CdnPurgeLayer,
+    PurgeAck,
+    Purger,
+    PurgeRateLimitedError,
+    PurgeResult,
+)
 from tieredcache.testing import FakeClock, wait_until
 
 pytestmark = pytest.mark.redis
@@ -200,6 +208,61 @@ def test_a_rate_limit_is_reported_with_retry_after_and_does_not_trip_the_breaker
         assert result.retry_after == 2.5
     assert purger.calls == 3  # never skipped: a 429 is not a fault
     assert cache.stats().breakers["cdn"] == "closed"
+
+
+class QueuedRateLimitedPurger(Purger):
+    """A CDN purger behind a CdnPurgeLayer whose first ``limited`` purges answer 429."""
+
+    scheme = FASTLY
+
+    def __init__(self, limited: int) -> None:
+        super().__init__(name="queued")
+        self.limited = limited
+        self.batches: list[tuple[str, ...]] = []
+
+    def purge(self, keys: Sequence[str], *, soft: bool = False) -> PurgeResult:
+        self.batches.append(tuple(keys))
+        if len(self.batches) <= self.limited:
+            raise PurgeRateLimitedError("queued", "purge", 3.0, keys)
+        return PurgeResult((PurgeAck("queued", tuple(keys), 200),))
+
+    async def apurge(self, keys: Sequence[str], *, soft: bool = False) -> PurgeResult:
+        return self.purge(keys, soft=soft)
+
+
+def test_a_queued_cdn_purge_reports_its_rate_limit_and_is_retried_alone(
+    redis_url: str, caches: list[TieredCache]
+) -> None:
+    """The CDN's purge is queued off the call's path (pending); once settled, its 429
+    is a rate-limited failure with retry_after that trips no breaker, and
+    layers=settled.failed purges the CDN again without touching Redis or memory."""
+    purger = QueuedRateLimitedPurger(limited=2)
+    cdn = CdnPurgeLayer(purger, name="cdn")
+    cache = TieredCache("inv", [MemoryLayer(), RedisLayer(url=redis_url), cdn], breaker_failures=1)
+    caches.append(cache)
+    loads: list[int] = []
+
+    @cache.cached(ttl=60, tags=lambda n: [f"item:{n}"])
+    def item(n: int) -> int:
+        loads.append(n)
+        return n
+
+    items = [Invalidation("acme", tags=("item:1",))]
+    for _ in range(2):
+        result = cache.invalidate_many(items)
+        assert result.ok and result.pending == ["cdn"] and not result.complete
+        settled = result.wait_purges(timeout=10)
+        assert settled.failed == ["cdn"] and settled.retry_after == 3.0
+        assert [f.reason for f in settled.failures] == ["rate-limited"]
+    assert cache.stats().breakers["cdn"] == "closed"
+    with tenant_scope("acme"):
+        item(1)
+    retried = cache.invalidate_many(items, layers=settled.failed)
+    assert retried.wait_purges(timeout=10).complete
+    with tenant_scope("acme"):
+        item(1)
+    assert loads == [1]  # the retry reached the CDN only: the entry was kept
+    assert len(purger.batches) == 3
 
 
 def test_check_settings_finds_a_worker_that_would_miss_the_applications_keys(

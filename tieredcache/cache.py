@@ -334,7 +334,9 @@ class TieredCache:
 
         Never raises for a failing layer (the request that changed the data
         should not fail); check the result, or call ``raise_for_failure()``
-        where an unconfirmed invalidation must be retried.
+        where an unconfirmed invalidation must be retried. A CDN layer's purge is
+        queued, not waited for: the result names it in ``pending``, and
+        ``result.wait_purges(timeout)`` returns the result with its outcome.
         """
         cache_keys, cache_tags, counters = self._scoped(keys, tags, tenant)
         return engine_sync.invalidate(self._stack, cache_keys, cache_tags, counters)

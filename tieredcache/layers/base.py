@@ -7,7 +7,9 @@ exactly these methods:
 
 - :class:`InvalidationLayer`: can only forget keys and tags (a CDN purger).
   Every invalidation reaches it, after the storage layers and the replica
-  broadcast.
+  broadcast. One that works off the caller's path may return a
+  :class:`PendingPurge` from ``delete``/``delete_tags``: the invalidation's
+  result then lists the layer as pending, and can wait for its real outcome.
 - :class:`InProcessLayer`: stores :class:`~tieredcache.entry.Entry` objects in
   this process. No I/O, so async callers use its sync methods; its lease is
   free and comes with every read. It also hands the decorator's wrappers a
@@ -36,6 +38,7 @@ from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ..entry import Entry
+from ..errors import BackendError
 from ..keys import CacheKey, Tag
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "InvalidationLayer",
     "HealthReportingLayer",
     "NamespaceStateLayer",
+    "PendingPurge",
     "ReplicaBroadcastLayer",
     "SharedLayer",
     "StorageLayer",
@@ -51,8 +55,46 @@ __all__ = [
 
 
 @runtime_checkable
+class PendingPurge(Protocol):
+    """An invalidation a layer accepted but has not carried out yet (a queued CDN
+    purge). It settles once; ``error`` is None if it succeeded, else what went wrong
+    (a :class:`~tieredcache.errors.RateLimitedError` carries ``retry_after``).
+
+    Wait with ``wait`` in sync code and ``await_done`` in async code (a sync wait
+    on an event loop that must itself send the purge would only time out).
+
+    >>> class Done:
+    ...     error = None
+    ...     def done(self): return True
+    ...     def wait(self, timeout=None): return True
+    ...     async def await_done(self, timeout=None): return True
+    >>> isinstance(Done(), PendingPurge)
+    True
+    """
+
+    @property
+    def error(self) -> BackendError | None:
+        """None while pending or once succeeded; the failure once it failed."""
+        ...
+
+    def done(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until settled (True) or ``timeout`` seconds passed (False)."""
+        ...
+
+    async def await_done(self, timeout: float | None = None) -> bool:
+        """Async :meth:`wait`."""
+        ...
+
+
+@runtime_checkable
 class InvalidationLayer(Protocol):
     """A layer that can only forget: keys and tags are dropped, nothing is read.
+
+    ``delete`` and ``delete_tags`` return None once done, or a :class:`PendingPurge`
+    when the work goes on off the caller's path (only invalidation-only layers
+    may; the engine ignores what a storage layer returns).
 
     >>> class PrintPurger:
     ...     name = "cdn"
@@ -68,13 +110,13 @@ class InvalidationLayer(Protocol):
 
     name: str
 
-    def delete(self, keys: Sequence[CacheKey]) -> None: ...
+    def delete(self, keys: Sequence[CacheKey]) -> PendingPurge | None: ...
 
-    def delete_tags(self, tags: Sequence[Tag]) -> None: ...
+    def delete_tags(self, tags: Sequence[Tag]) -> PendingPurge | None: ...
 
-    async def adelete(self, keys: Sequence[CacheKey]) -> None: ...
+    async def adelete(self, keys: Sequence[CacheKey]) -> PendingPurge | None: ...
 
-    async def adelete_tags(self, tags: Sequence[Tag]) -> None: ...
+    async def adelete_tags(self, tags: Sequence[Tag]) -> PendingPurge | None: ...
 
     def close(self) -> None: ...
 

@@ -12,7 +12,9 @@ Written once, as async; ``scripts/unasync.py`` generates ``_sync/write.py``.
   dropped a key, a reader here can no longer find the old value there to
   back-fill with), then to every replica, then to the invalidation-only layers
   (a CDN): a CDN purged before the replicas dropped their copies could refetch
-  the old page from one of them.
+  the old page from one of them. A layer that purges off the caller's path
+  returns a pending purge per call: the result lists it as ``pending`` and can
+  wait for its outcome (``InvalidationResult.wait_purges``); the call does not.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from ...entry import Entry
 from ...keys import CacheKey, Tag
+from ...layers.base import PendingPurge
 from ...metrics import FIELDS, INVALIDATION
 from ..request import ReadRequest, make_entry
 from ..result import InvalidationResult, LayerFailure, failure_of
@@ -123,15 +126,19 @@ def invalidate(
             failures.append(failure_of(guard.name, errors[-1]))
     if wanted(BROADCAST) and not _publish(stack, keys, all_tags, errors):
         failures.append(failure_of(BROADCAST, errors[-1]))
+    purges: dict[str, list[PendingPurge]] = {}
     for guard in stack.purgers:
-        if wanted(guard.name) and not _invalidate_layer(
-            guard, keys, all_tags, counters, errors
-        ):
+        if not wanted(guard.name):
+            continue
+        queued: list[PendingPurge] = []
+        if not _invalidate_layer(guard, keys, all_tags, counters, errors, queued):
             failures.append(failure_of(guard.name, errors[-1]))
+        elif queued:
+            purges[guard.name] = queued
     stack.forget(keys, tags)
     failed = list(dict.fromkeys(f.layer for f in failures))
     unsent = [BROADCAST] if stack.broadcast_disabled and wanted(BROADCAST) else []
-    return InvalidationResult(failed, failures, unsent)
+    return InvalidationResult(failed, failures, unsent, purges)
 
 
 def _invalidate_layer(
@@ -140,7 +147,10 @@ def _invalidate_layer(
     tags: Sequence[Tag],
     counters: list[int] | None,
     errors: list[BaseException | None],
+    queued: list[PendingPurge] | None = None,
 ) -> bool:
+    """Drop ``keys`` and ``tags`` from one layer -> whether it confirmed (or accepted).
+    ``queued``: receives the pending purges an invalidation-only layer returns."""
     if not keys and not tags:
         return True
     if guard.local:
@@ -155,7 +165,7 @@ def _invalidate_layer(
             None,
             "invalidate",
             _drop,
-            (guard, keys, tags),
+            (guard, keys, tags, queued),
             False,
             errors,
         )
@@ -172,12 +182,20 @@ def _drop_local(guard: LayerGuard, keys: Sequence[CacheKey], tags: Sequence[Tag]
     return True
 
 
-def _drop(guard: LayerGuard, keys: Sequence[CacheKey], tags: Sequence[Tag]) -> bool:
+def _drop(
+    guard: LayerGuard,
+    keys: Sequence[CacheKey],
+    tags: Sequence[Tag],
+    queued: list[PendingPurge] | None,
+) -> bool:
     layer = guard.layer
+    done: list[PendingPurge | None] = []
     if keys:
-        layer.delete(keys)
+        done.append(layer.delete(keys))
     if tags:
-        layer.delete_tags(tags)
+        done.append(layer.delete_tags(tags))
+    if queued is not None:
+        queued += [purge for purge in done if purge is not None]
     return True
 
 

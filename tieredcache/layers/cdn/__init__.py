@@ -2,7 +2,8 @@
 
 ``surrogate`` names tags at each CDN (response headers and purges agree);
 ``base`` holds the shared, sans-I/O purge flow with a sync and an async driver;
-one module per vendor; ``layer`` the invalidate-only :class:`CdnPurgeLayer`.
+one module per vendor; ``layer`` the invalidate-only :class:`CdnPurgeLayer`, whose
+calls return a :class:`PurgeTicket` (``ticket``) that settles with their outcome.
 
 Example::
 
@@ -29,7 +30,7 @@ from .cloudflare import CLOUDFLARE_PLANS, CloudflarePurger
 from .edgegrid import edgegrid_authorization, edgegrid_timestamp
 from .errors import PurgeRateLimitedError
 from .fastly import FastlyPurger
-from .layer import CdnPurgeLayer, PurgeOutcome
+from .layer import CdnPurgeLayer
 from .limits import RetryPolicy, TokenBucket
 from .model import PurgeAck, PurgeRequest, PurgeResult, Secret
 from .surrogate import (
@@ -45,6 +46,7 @@ from .surrogate import (
     tag_key,
     tenant_key,
 )
+from .ticket import PurgeOutcome, PurgeTicket
 from .varnish import VarnishPurger
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "PurgeRateLimitedError",
     "PurgeRequest",
     "PurgeResult",
+    "PurgeTicket",
     "Purger",
     "RetryPolicy",
     "Secret",

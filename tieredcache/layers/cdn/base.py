@@ -93,6 +93,10 @@ class Purger:
     """
 
     scheme: SurrogateScheme
+    #: The most surrogate keys one token of ``bucket`` pays for (Cloudflare charges a
+    #: request of up to 100 tags; Akamai a tag): how a planner that counts keys
+    #: reads the bucket.
+    keys_per_token: float = 1.0
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ class CloudflarePurger(Purger):
     """
 
     scheme = CLOUDFLARE
+    keys_per_token = MAX_TAGS_PER_REQUEST
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,10 @@ class TokenBucket:
     """A client-side token bucket: ``capacity`` tokens, refilled at ``rate`` a second.
 
     ``reserve(cost)`` takes the tokens and returns 0.0, or takes nothing and
-    returns the seconds until ``cost`` tokens will be there.
+    returns the seconds until ``cost`` tokens will be there. ``wait_time`` asks the
+    same without taking (a planner that lets the purger take them when it sends),
+    ``available`` says what it holds. Thread-safe: one bucket is the one budget of
+    a vendor account, whoever reads or spends it (the layer's drain, a CDC worker).
 
     >>> bucket = TokenBucket(capacity=2, rate=1.0, clock=lambda: 0.0)
     >>> bucket.reserve(2), bucket.reserve(1)
@@ -55,23 +59,49 @@ class TokenBucket:
         self.capacity = capacity
         self.rate = rate
         self._clock = clock
+        self._lock = threading.Lock()
         self._tokens = float(capacity)
         self._at = clock()
 
-    def reserve(self, cost: float) -> float:
+    def _refill(self) -> float:
+        # Caller holds the lock.
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        return self._tokens
+
+    def _short(self, cost: float) -> float:
+        # Caller holds the lock. The epsilon absorbs float rounding: without it a
+        # refill that lands a hair short asks for waits too small to move the clock.
         if cost > self.capacity:
             raise ConfigurationError(
                 f"a request costing {cost} can never fit a bucket of {self.capacity}"
             )
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        # The epsilon absorbs float rounding: without it a refill that lands a hair
-        # short asks for waits too small to move the clock, for ever.
-        if self._tokens + 1e-9 >= cost:
-            self._tokens = max(0.0, self._tokens - cost)
-            return 0.0
-        return (cost - self._tokens) / self.rate
+        tokens = self._refill()
+        return 0.0 if tokens + 1e-9 >= cost else (cost - tokens) / self.rate
+
+    def reserve(self, cost: float) -> float:
+        with self._lock:
+            wait = self._short(cost)
+            if wait == 0.0:
+                self._tokens = max(0.0, self._tokens - cost)
+            return wait
+
+    def wait_time(self, cost: float) -> float:
+        """Seconds until ``cost`` tokens are there (0.0: now); takes nothing."""
+        with self._lock:
+            return self._short(cost)
+
+    def available(self) -> float:
+        """The tokens it holds now."""
+        with self._lock:
+            return self._refill()
+
+    def drain(self) -> None:
+        """Empty it: the vendor refused (another client spends the same account)."""
+        with self._lock:
+            self._refill()
+            self._tokens = 0.0
 
 
 def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
