@@ -129,3 +129,28 @@ def test_stats_and_prometheus_show_what_the_backends_saw(redis_url: str) -> None
     text = generate_latest(registry).decode()
     assert 'tieredcache_backend{backend="broadcast",event="up",namespace="health"} 1.0' in text
     cache.close()
+
+
+def test_latency_after_a_metrics_reset_is_still_recorded(redis_url: str) -> None:
+    """The layer guards keep their histograms between calls; a reset zeroes them in
+    place, so latency recorded after it is seen, and nothing from before it."""
+    cache = TieredCache("reset", [MemoryLayer(maxsize=10), RedisLayer(url=redis_url)])
+    try:
+
+        @cache.cached(ttl=60, name="f")
+        def f(n: int) -> int:
+            return n
+
+        name = "f"
+        with tenant_scope("acme"):
+            f(1)
+            before = {key: h.count for key, h in cache._metrics.latency_items()}
+            assert before[("redis", name, "set")] == 1
+            cache._metrics.reset()
+            assert cache._metrics.latency_items() == []
+            f(2)
+        after = {key: h.count for key, h in cache._metrics.latency_items()}
+        assert after[("redis", name, "set")] == 1
+        assert after[("redis", name, "get")] == 1
+    finally:
+        cache.close()

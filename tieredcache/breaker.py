@@ -61,6 +61,9 @@ class CircuitBreaker:
         self._probe_since: float | None = None
         self._ticket = CLOSED_TICKET
         self._lock = threading.Lock()
+        # Closed with no failure counted: the hot path's one check (read without the
+        # lock, as the state is; a stale read costs one call to admit/success).
+        self.clean = True
 
     @property
     def state(self) -> State:
@@ -109,12 +112,14 @@ class CircuitBreaker:
             self._failures = 0
             self._opened_at = None
             self._probe_since = None
+            self.clean = True
 
     def failure(self, ticket: int | None = None) -> None:
         """The backend failed the call: count it; open (again) if it was the probe or
         the threshold is reached."""
         with self._lock:
             self._failures += 1
+            self.clean = False
             probing = self._probe_since is not None
             if probing or (self._opened_at is None and self._failures >= self.failure_threshold):
                 if self._opened_at is None or probing:

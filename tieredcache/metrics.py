@@ -199,12 +199,18 @@ class Metrics:
             yield from ((function, label, counters) for label, counters in list(per_tenant.items()))
 
     def latency_items(self) -> list[tuple[tuple[str, str, str], Histogram]]:
-        return list(self._latency.items())
+        return [
+            (key, histogram) for key, histogram in list(self._latency.items()) if histogram.count
+        ]
 
     def reset(self) -> None:
         with self._lock:
             self._by_function.clear()
-            self._latency.clear()
+            # Zeroed in place, not dropped: the layer guards hold on to them.
+            for histogram in self._latency.values():
+                histogram.counts = [0] * len(histogram.counts)
+                histogram.sum = 0.0
+                histogram.count = 0
             self._tenants.clear()
 
     def snapshot(self, evictions: Mapping[str, int], breakers: Mapping[str, str]) -> CacheStats:
