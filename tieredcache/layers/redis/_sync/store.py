@@ -26,11 +26,16 @@ from ..keyspace import RedisKeyspace
 # A generation only ever grows, even across its own expiry: a missing generation
 # restarts at the server clock in microseconds, never at a value an older lease
 # could hold (INCR from nothing would give "1" again). Prepended to the scripts.
+# The clock is read once per script run (a script is atomic: every bump of the run
+# happens at that instant); a batch invalidation bumps hundreds of names per run.
 BUMP_LUA = """
+local now_us
 local function bump(name, px)
-  local now = redis.call('TIME')
-  local next = math.max(tonumber(redis.call('GET', name) or '0') + 1,
-                        tonumber(now[1]) * 1000000 + tonumber(now[2]))
+  if not now_us then
+    local now = redis.call('TIME')
+    now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  end
+  local next = math.max(tonumber(redis.call('GET', name) or '0') + 1, now_us)
   redis.call('SET', name, string.format('%.0f', next), 'PX', px)
 end
 """
@@ -150,10 +155,11 @@ local n = tonumber(ARGV[1])
 local dropped = 0
 for i = 1, n do
   dropped = dropped + redis.call('DEL', KEYS[i])
-  for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2 * n + i])) do
-    redis.call('SREM', tag, KEYS[i])
+  local key_tags = redis.call('SMEMBERS', KEYS[2 * n + i])
+  if #key_tags > 0 then  -- an empty set does not exist: nothing to delete
+    for _, tag in ipairs(key_tags) do redis.call('SREM', tag, KEYS[i]) end
+    redis.call('DEL', KEYS[2 * n + i])
   end
-  redis.call('DEL', KEYS[2 * n + i])
   bump(KEYS[n + i], ARGV[2])
 end
 return dropped
@@ -162,30 +168,47 @@ return dropped
 
 # Invalidate tags of one slot: drop every member value (and its memberships in other
 # tags) and the set, bump the tag generation. Member names share this slot's hash tag.
+# A batch invalidation sends hundreds of tags per slot, most of them with nothing
+# cached: one EXISTS (per 1000 sets) says whether any set is there to empty, and one
+# MGET reads the generations, so such a tag costs one SET. Each generation is bumped
+# as BUMP_LUA does (the clock read once for the run).
 # KEYS: tag-set x n, tag-gen x n   ARGV: n, gen px
-DELETE_TAGS_LUA = (
-    BUMP_LUA
-    + """
+DELETE_TAGS_LUA = """
 local n = tonumber(ARGV[1])
 local dropped = 0
-for i = 1, n do
-  for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
-    dropped = dropped + redis.call('DEL', member)
-    local cut = string.find(member, '}:v:', 1, true)
-    if cut then
-      local key_tags = string.sub(member, 1, cut) .. ':kt:' .. string.sub(member, cut + 4)
-      for _, tag in ipairs(redis.call('SMEMBERS', key_tags)) do
-        if tag ~= KEYS[i] then redis.call('SREM', tag, member) end
+local live = 0
+for s = 1, n, 1000 do
+  live = live + redis.call('EXISTS', unpack(KEYS, s, math.min(s + 999, n)))
+end
+if live > 0 then
+  for i = 1, n do
+    local members = redis.call('SMEMBERS', KEYS[i])
+    for _, member in ipairs(members) do
+      dropped = dropped + redis.call('DEL', member)
+      local cut = string.find(member, '}:v:', 1, true)
+      if cut then
+        local key_tags = string.sub(member, 1, cut) .. ':kt:' .. string.sub(member, cut + 4)
+        for _, tag in ipairs(redis.call('SMEMBERS', key_tags)) do
+          if tag ~= KEYS[i] then redis.call('SREM', tag, member) end
+        end
+        redis.call('DEL', key_tags)
       end
-      redis.call('DEL', key_tags)
     end
+    if #members > 0 then redis.call('DEL', KEYS[i]) end  -- an empty set does not exist
   end
-  redis.call('DEL', KEYS[i])
-  bump(KEYS[n + i], ARGV[2])
+end
+local now = redis.call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+for s = 1, n, 1000 do
+  local last = math.min(s + 999, n)
+  local gens = redis.call('MGET', unpack(KEYS, n + s, n + last))
+  for j = 1, last - s + 1 do
+    local next = math.max(tonumber(gens[j] or '0') + 1, now_us)
+    redis.call('SET', KEYS[n + s + j - 1], string.format('%.0f', next), 'PX', ARGV[2])
+  end
 end
 return dropped
 """
-)
 
 # Compare-and-delete release of a fill lock, waking waiters (if any) through pub/sub.
 # KEYS: lock, wait-mark   ARGV: token, channel, message
@@ -438,26 +461,43 @@ class RedisStore:
     def _per_slot(
         self, operation: str, script: Any, groups: Sequence[Sequence[list[str]]]
     ) -> int:
-        """Run ``script`` once per slot group (its name lists concatenated), pipelined
-        on standalone Redis; on a cluster each group goes to its own node."""
-        total = 0
+        """Run ``script`` once per slot group (its name lists concatenated), all in one
+        pipeline: one round trip on standalone Redis, one per node on a cluster
+        (redis-py's cluster pipeline sends each node its scripts together; run one by
+        one, a batch over hundreds of slots took a round trip each). A server without
+        the script (flushed, failed over) gets it, and the pipeline is sent again:
+        running a script twice invalidates nothing more."""
+        calls = []
+        for group in groups:
+            keys = [name for names in group for name in names]
+            calls.append((keys, len(group[0])))
         try:
-            if self.cluster:
-                for group in groups:
-                    keys = [name for names in group for name in names]
-                    total += int(script(keys=keys, args=[len(group[0]), self.gen_px]))
-                return total
-            # The context manager resets the pipeline, returning its connection even
-            # when execute() fails half-way (Redis down).
-            with self.client.pipeline(transaction=False) as pipe:
-                for group in groups:
-                    keys = [name for names in group for name in names]
-                    script(keys=keys, args=[len(group[0]), self.gen_px], client=pipe)
-                for result in pipe.execute():
-                    total += int(result)
-        except ERRORS as exc:
+            for attempt in range(2):
+                # The context manager resets the pipeline, returning its connection
+                # even when execute() fails half-way (Redis down).
+                with self.client.pipeline(transaction=False) as pipe:
+                    for keys, n in calls:
+                        command = ("EVALSHA", script.sha, len(keys), *keys, n, self.gen_px)
+                        if self.cluster:
+                            # The node named up front: left to find the keys itself,
+                            # redis-py's sync cluster pipeline asks the server (COMMAND
+                            # GETKEYS, one round trip per script). A redirection is
+                            # still followed: redis-py resends the command by its keys.
+                            node = self.client.get_node_from_key(keys[0])
+                            pipe.execute_command(*command, target_nodes=node)
+                        else:
+                            pipe.execute_command(*command)
+                    try:
+                        results = pipe.execute()
+                    except redis.exceptions.NoScriptError:
+                        if attempt:
+                            raise
+                        script.sha = self.client.script_load(script.script)
+                        continue
+                return sum(int(result) for result in results)
+        except (*ERRORS, redis.exceptions.RedisClusterException) as exc:
             raise translate(self.layer, operation, exc) from exc
-        return total
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def delete(self, keys: Sequence[CacheKey]) -> int:
         if not keys:
