@@ -2,8 +2,14 @@
 
 * ``/healthz``: 200 while the consume loop turned within ``stall_after`` seconds
   (a wedged loop gets the pod restarted); 503 otherwise.
-* ``/readyz``: 200 once the worker is consuming and no layer is failing; 503
-  with the reason (``redis: refused``, ``starting``, ``stopping``) otherwise.
+* ``/readyz``: 200 once the worker is connected, has its partition assignment
+  and no layer is failing; 503 with the reason (``starting``, ``waiting for a
+  partition assignment``, ``failing: redis: refused``, ``stopping``) otherwise.
+  "Assigned" means the group join completed and the worker was told its share
+  (``on_assign``), even an empty one: a group with more members than partitions
+  keeps the extra members as ready standbys, which take over on a rebalance.
+  While a rebalance has taken the partitions back and not handed them out again,
+  the worker is not ready.
   Nothing routes traffic to a worker: readiness is a signal for people and
   for autoscalers, which must not add workers while a layer is down.
 * ``/metrics``: the worker's Prometheus registry.
@@ -32,6 +38,7 @@ class WorkerStatus:
     stall_after: float = 60.0
     last_loop: float = field(default_factory=time.monotonic)
     consuming: bool = False
+    assigned: bool = False  # the group gave this member its share (maybe none)
     stopping: bool = False
     failing: dict[str, str] = field(default_factory=dict)  # layer -> reason
 
@@ -49,6 +56,8 @@ class WorkerStatus:
             return False, "stopping"
         if not self.consuming:
             return False, "starting"
+        if not self.assigned:
+            return False, "waiting for a partition assignment"
         if self.failing:
             return False, "failing: " + ", ".join(
                 f"{k}: {v}" for k, v in sorted(self.failing.items())

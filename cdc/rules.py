@@ -28,16 +28,17 @@ use) and the namespaces to invalidate. :meth:`Rules.invalidations` maps one
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 
 from cdc.debezium import UNKNOWN, ChangeEvent, Op, convert_value, known_type
 from tieredcache.errors import ConfigurationError, InvalidKeyError, TieredCacheError
-from tieredcache.keys import validate_namespace, validate_tag_name
-from tieredcache.tags import TagTemplate, format_tag_value
+from tieredcache.keys import MAX_TAG_LENGTH, validate_namespace, validate_tag_name
+from tieredcache.tags import TagTemplate, TagValueError, format_tag_value
 from tieredcache.tenancy import validate_tenant
 
 __all__ = ["Invalidation", "Rules", "TableRule", "UnmappableEventError"]
@@ -50,9 +51,12 @@ class UnmappableEventError(TieredCacheError):
     """An event cannot be mapped and the rule's ``on_unknown`` is ``"error"``."""
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Invalidation:
-    """Invalidate ``tag`` in ``namespace`` for ``tenant`` (``None``: every tenant)."""
+class Invalidation(NamedTuple):
+    """Invalidate ``tag`` in ``namespace`` for ``tenant`` (``None``: every tenant).
+
+    A named tuple: immutable, ordered and hashable like a frozen dataclass, and
+    built and hashed in C (the worker makes a few per event).
+    """
 
     namespace: str
     tenant: str | None
@@ -144,6 +148,7 @@ class Rules:
             if rule.table in self.tables:
                 raise ConfigurationError(f"two rules for table {rule.table!r}")
             self.tables[rule.table] = rule
+        self._plans = {table: _Plan(rule) for table, rule in self.tables.items()}
         self.message_prefix = message_prefix
         every = sorted({ns for rule in self.tables.values() for ns in rule.namespaces})
         self.message_namespaces = tuple(
@@ -162,21 +167,26 @@ class Rules:
         """The invalidations ``event`` calls for (empty for tables without a rule)."""
         if event.op is Op.MESSAGE:
             return self._message(event)
-        rule = self.tables.get(event.table or "")
-        if rule is None or (event.op is Op.READ and not self.include_snapshot):
+        plan = self._plans.get(event.table or "")
+        if plan is None or (event.op is Op.READ and not self.include_snapshot):
             return set()
         if event.op is Op.TRUNCATE:
-            return _table_wide(rule, None)
+            return set(plan.all_tenants)
         key_columns = set(event.key or ())
         found: set[Invalidation] = set()
         if event.after is not None:
-            found |= _row(rule, event, event.after, trusted=None)
+            found |= _row(plan, event, event.after, trusted=None)
         if event.before is not None:
-            trusted = None if rule.replica_identity == "full" else key_columns
-            found |= _row(rule, event, event.before, trusted=trusted)
+            trusted = None if plan.rule.replica_identity == "full" else key_columns
+            found |= _row(plan, event, event.before, trusted=trusted)
         elif event.op is Op.UPDATE and event.after is not None:
-            found |= _unknown_before(rule, event, event.after, key_columns)
+            found |= _unknown_before(plan, event, event.after, key_columns)
         return found
+
+    def skips(self, event: ChangeEvent) -> bool:
+        """Whether ``event`` is a snapshot read these rules skip (``include_snapshot``
+        off): it invalidates nothing, so nothing of it was invalidated either."""
+        return event.op is Op.READ and not self.include_snapshot
 
     def _message(self, event: ChangeEvent) -> set[Invalidation]:
         message = event.message
@@ -199,69 +209,157 @@ class Rules:
         return {Invalidation(ns, tenant, tag) for ns in namespaces for tag in tags}
 
 
-def _table_wide(rule: TableRule, tenant: str | None) -> set[Invalidation]:
-    assert rule.table_tag is not None
-    return {Invalidation(ns, tenant, rule.table_tag) for ns in rule.namespaces}
+class _Plan:
+    """A rule compiled for the hot path: templates split into literal text and fields,
+    the all-tenant invalidations built once."""
+
+    __slots__ = ("all_tenants", "key_only", "namespaces", "rule", "table_tag", "templates")
+
+    def __init__(self, rule: TableRule) -> None:
+        assert rule.table_tag is not None
+        self.rule = rule
+        self.table_tag = rule.table_tag
+        self.namespaces = tuple(rule.namespaces)
+        self.all_tenants = frozenset(
+            Invalidation(ns, None, rule.table_tag) for ns in rule.namespaces
+        )
+        self.templates = tuple(_Template(t) for t in rule.templates)
+        self.key_only = [frozenset(t.fields) for t in self.templates]
+
+    def table_wide(self, tenant: str | None) -> set[Invalidation]:
+        if tenant is None:
+            return set(self.all_tenants)
+        return {Invalidation(ns, tenant, self.table_tag) for ns in self.namespaces}
 
 
-def _unmappable(rule: TableRule, event: ChangeEvent, why: str) -> set[Invalidation]:
+class _Template:
+    """A :class:`~tieredcache.tags.TagTemplate` as (literal, field) parts; renders the
+    same text as ``TagTemplate.render`` (:func:`_text` is ``format_tag_value``)."""
+
+    __slots__ = ("fields", "parts", "template")
+
+    def __init__(self, template: TagTemplate) -> None:
+        self.template = template.template
+        self.fields = template.fields
+        self.parts = tuple(
+            (literal, field) for literal, field, _, _ in string.Formatter().parse(template.template)
+        )
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        out: list[str] = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name is not None:
+                try:
+                    out.append(_text(values[name]))
+                except TagValueError as exc:
+                    raise TagValueError(
+                        f"tag template {self.template!r}, {{{name}}}: {exc}"
+                    ) from None
+        tag = "".join(out)
+        # Each value is of the tag-value alphabet (a subset of the tag alphabet) and the
+        # literal text was validated with the template: only the length can be wrong.
+        if len(tag) > MAX_TAG_LENGTH:
+            try:
+                validate_tag_name(tag)
+            except InvalidKeyError as exc:
+                raise TagValueError(f"tag template {self.template!r}: {exc}") from None
+        return tag
+
+
+# Strings already known to be valid tag values (tenant ids, category codes...): most
+# rows repeat a few, and the check is a regular expression. Bounded; cleared when full.
+_valid_texts: set[str] = set()
+_VALID_TEXTS_MAX: Final = 65536
+
+
+def _text(value: Any) -> str:
+    """``format_tag_value(value)``, with its two commonest cases short-cut."""
+    kind = value.__class__
+    if kind is int:
+        return str(value)
+    if kind is str:
+        if value in _valid_texts:
+            return value  # type: ignore[no-any-return]
+        text = format_tag_value(value)
+        if len(_valid_texts) >= _VALID_TEXTS_MAX:
+            _valid_texts.clear()
+        _valid_texts.add(text)
+        return text
+    return format_tag_value(value)
+
+
+def _unmappable(plan: _Plan, event: ChangeEvent, why: str) -> set[Invalidation]:
+    rule = plan.rule
     if rule.on_unknown == "error":
         raise UnmappableEventError(f"{rule.table} op {event.op.value!r} (lsn {event.lsn}): {why}")
-    return _table_wide(rule, None)
-
-
-def _value(rule: TableRule, row: Mapping[str, Any], column: str, trusted: set[str] | None) -> Any:
-    """The column's value, converted; UNKNOWN if untrusted or TOASTed; _MISSING if absent."""
-    if column not in row:
-        return _MISSING
-    if trusted is not None and column not in trusted:
-        return UNKNOWN
-    value = row[column]
-    kind = rule.column_types.get(column)
-    return value if kind is None or value is UNKNOWN else convert_value(value, kind)
+    return set(plan.all_tenants)
 
 
 def _row(
-    rule: TableRule, event: ChangeEvent, row: Mapping[str, Any], trusted: set[str] | None
+    plan: _Plan, event: ChangeEvent, row: Mapping[str, Any], trusted: set[str] | None
 ) -> set[Invalidation]:
+    """Map one side of a change. A value is UNKNOWN when ``trusted`` does not list its
+    column (or it was TOASTed), missing when the row has no such column."""
+    rule = plan.rule
+    types = rule.column_types
     try:
-        raw_tenant = _value(rule, row, rule.tenant_column, trusted)
-        if raw_tenant is _MISSING:
-            return _unmappable(rule, event, f"no tenant column {rule.tenant_column!r}")
+        column = rule.tenant_column
+        if column not in row:
+            return _unmappable(plan, event, f"no tenant column {column!r}")
+        raw_tenant = UNKNOWN if trusted is not None and column not in trusted else row[column]
+        if raw_tenant is not UNKNOWN and column in types:
+            raw_tenant = convert_value(raw_tenant, types[column])
         if raw_tenant is UNKNOWN or raw_tenant is None:
             # Whose row it was is not known (or it is nobody's): every tenant.
-            return _table_wide(rule, None)
-        tenant = validate_tenant(format_tag_value(raw_tenant))
+            return set(plan.all_tenants)
+        tenant = validate_tenant(_text(raw_tenant))
         found: set[Invalidation] = set()
-        for template in rule.templates:
-            values = {f: _value(rule, row, f, trusted) for f in template.fields}
-            if any(v is _MISSING for v in values.values()):
-                missing = [f for f, v in values.items() if v is _MISSING]
-                return _unmappable(rule, event, f"{template.template!r} needs {missing}")
-            if any(v is UNKNOWN for v in values.values()):
-                found |= _table_wide(rule, tenant)
-                continue
-            tag = template.render_if_present(values)
-            if tag is not None:
-                found.update(Invalidation(ns, tenant, tag) for ns in rule.namespaces)
+        for template in plan.templates:
+            values: dict[str, Any] = {}
+            missing: list[str] = []
+            unknown = null = False
+            for name in template.fields:
+                if name not in row:
+                    missing.append(name)
+                    continue
+                if trusted is not None and name not in trusted:
+                    unknown = True
+                    continue
+                value = row[name]
+                if value is not UNKNOWN and name in types:
+                    value = convert_value(value, types[name])
+                if value is UNKNOWN:
+                    unknown = True
+                elif value is None:
+                    null = True  # a NULL foreign key: the row has no such tag
+                values[name] = value
+            if missing:
+                return _unmappable(plan, event, f"{template.template!r} needs {missing}")
+            if unknown:
+                found |= plan.table_wide(tenant)
+            elif not null:
+                tag = template.render(values)
+                for ns in plan.namespaces:
+                    found.add(Invalidation(ns, tenant, tag))
         return found
     except (InvalidKeyError, TieredCacheError, ValueError, TypeError) as exc:
         if isinstance(exc, UnmappableEventError):
             raise
-        return _unmappable(rule, event, str(exc))
+        return _unmappable(plan, event, str(exc))
 
 
 def _unknown_before(
-    rule: TableRule, event: ChangeEvent, after: Mapping[str, Any], key_columns: set[str]
+    plan: _Plan, event: ChangeEvent, after: Mapping[str, Any], key_columns: set[str]
 ) -> set[Invalidation]:
     """An update without ``before``: old values of non-key columns are unknown.
 
     Key columns did not change (a key change arrives as delete + create), so a
     template on key columns alone rendered from ``after`` is the old tag too.
     """
-    if all(set(t.fields) <= key_columns for t in rule.templates):
+    if all(fields <= key_columns for fields in plan.key_only):
         return set()
-    if rule.tenant_column not in key_columns:
-        return _table_wide(rule, None)  # the row may have come from another tenant
-    old = {c: (after[c] if c in key_columns else UNKNOWN) for c in after}
-    return _row(rule, event, old, trusted=None)
+    if plan.rule.tenant_column not in key_columns:
+        return set(plan.all_tenants)  # the row may have come from another tenant
+    # The old row is ``after`` with only its key columns known.
+    return _row(plan, event, after, trusted=key_columns)

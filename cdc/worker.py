@@ -45,6 +45,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,27 @@ class WorkerSettings:
             "message.timeout.ms": int(self.dead_letter_timeout * 1000),
             **self.producer,
         }
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A batch decoded and mapped: what to invalidate, and what to acknowledge after."""
+
+    batch: list[Any]
+    wanted: set[Invalidation]
+    table_of: dict[Invalidation, str | None]
+    stamp: Stamp
+    ts_ms: list[int]  # source.ts_ms of the events that invalidated something
+    dead: list[tuple[Any, Exception]]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    prepared: _Prepared
+    by_ns: dict[str, set[Invalidation]]
+    items: dict[str, list[Any]]
+    pending: dict[str, list[str]]
+    first: Future[dict[str, Any]] | None  # the first attempt, on the storage thread
 
 
 @dataclass
@@ -186,6 +208,7 @@ class Worker:
         self._consumer: Any = None
         self._producer: Any = None
         self._carry: list[Any] = []
+        self._storage_thread: ThreadPoolExecutor | None = None
         self._paused = False
         self._lag_stop = threading.Event()
         self._lag_thread: threading.Thread | None = None
@@ -237,11 +260,24 @@ class Worker:
                 on_lost=self._on_lost,
             )
             self.status.consuming = True
-            while not self._stop.is_set():
+            self._storage_thread = ThreadPoolExecutor(1, "tieredcache-cdc-storage")
+            # One batch in flight: while the storage layers work on batch N (Redis runs
+            # its scripts, the thread waits for the reply), this thread reads what is
+            # already fetched and decodes and maps it as batch N+1. N+1 goes out only
+            # once N is acknowledged (or has been retried until it was), so the layers
+            # still see the batches in order, and one at a time.
+            inflight: _InFlight | None = None
+            while not self._stop.is_set() or inflight is not None:
                 self.status.beat()
-                batch = self._read_batch()
-                if batch:
-                    self._process(batch)
+                batch = [] if self._stop.is_set() else self._read_batch(wait=inflight is None)
+                prepared = self._prepare(batch) if batch else None
+                if inflight is not None:
+                    finished = self._complete(inflight)
+                    inflight = None
+                    if not finished:
+                        break  # stopping while a layer still fails: nothing of it commits
+                if prepared is not None and not self._stop.is_set():
+                    inflight = self._start(prepared)
                 self._commit()
         finally:
             self.status.stopping = True
@@ -249,6 +285,9 @@ class Worker:
 
     def _shutdown(self) -> None:
         consumer, self._consumer = self._consumer, None
+        if self._storage_thread is not None:
+            self._storage_thread.shutdown(wait=True)
+            self._storage_thread = None
         self._lag_stop.set()
         if self._lag_thread is not None:
             self._lag_thread.join(5)
@@ -270,10 +309,12 @@ class Worker:
                 self._producer = None
 
     # -- reading -----------------------------------------------------------------
-    def _read_batch(self) -> list[Any]:
+    def _read_batch(self, wait: bool = True) -> list[Any]:
+        """The records kept back by a pause, else up to ``batch_size`` records: the
+        first waited for (``wait``: at most ``poll_timeout``), then what is fetched."""
         consumer = self._consumer
         batch, self._carry = self._carry, []
-        if not batch:
+        if not batch and wait:
             first = consumer.poll(self.settings.poll_timeout)
             if first is None:
                 return []
@@ -297,7 +338,15 @@ class Worker:
         return self.progress.owns((msg.topic(), msg.partition()))
 
     # -- one batch ------------------------------------------------------------------
-    def _process(self, batch: list[Any]) -> None:
+    def _process(self, batch: list[Any]) -> bool:
+        """Decode, map and invalidate ``batch`` (the loop of :meth:`run` without the
+        overlap); False when stopping while a layer still fails."""
+        return self._complete(self._start(self._prepare(batch)))
+
+    def _prepare(self, batch: list[Any]) -> _Prepared:
+        """Decode and map ``batch``, coalesce its invalidations, stamp its offsets."""
+        # The hot loop of the worker: names are bound to locals, and per-event work is
+        # one decode, one mapping and a few dict operations; metrics are per batch.
         wanted: set[Invalidation] = set()
         table_of: dict[Invalidation, str | None] = {}
         end_offsets: dict[TopicPartition, int] = {}
@@ -305,10 +354,16 @@ class Worker:
         ts_list: list[int] = []
         dead: list[tuple[Any, Exception]] = []
         kinds: dict[tuple[str, str], int] = defaultdict(int)
+        invalidations = self.rules.invalidations
+        skips = self.rules.skips
+        heartbeat_prefix = self.settings.heartbeat_prefix
+        transaction_topic = self.settings.transaction_topic
+        has_cdn = self._has_cdn
         for msg in batch:
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             tp = (topic, partition)
-            end_offsets[tp] = max(end_offsets.get(tp, 0), offset + 1)
+            if offset >= end_offsets.get(tp, 0):
+                end_offsets[tp] = offset + 1
             event: ChangeEvent | Ignored | None = None
             try:
                 event = decode_record(
@@ -318,23 +373,32 @@ class Worker:
                     headers=msg.headers(),
                     partition=partition,
                     offset=offset,
-                    heartbeat_prefix=self.settings.heartbeat_prefix,
-                    transaction_topic=self.settings.transaction_topic,
+                    heartbeat_prefix=heartbeat_prefix,
+                    transaction_topic=transaction_topic,
                 )
                 if isinstance(event, Ignored):
                     kinds[(topic, "ignored")] += 1
                     continue
-                found = self.rules.invalidations(event)
+                if skips(event):
+                    # A snapshot read the rules skip: nothing was invalidated for it, so
+                    # it is neither a latency sample nor lag (it commits with its batch).
+                    kinds[(topic, "skipped")] += 1
+                    continue
+                found = invalidations(event)
+                kinds[(topic, "change")] += 1
+                if not found:
+                    continue  # no rule for its table: nothing to wait for, nor to time
                 wanted |= found
-                if self._has_cdn:
+                if has_cdn:
                     rule = self.rules.tables.get(event.table) if event.table else None
                     table = rule.table_tag if rule is not None else None
                     for inv in found:  # a tag two tables produce escalates to neither
                         table_of[inv] = table if table_of.get(inv, table) == table else None
-                kinds[(topic, "change")] += 1
-                if event.ts_ms is not None:
-                    ts_list.append(event.ts_ms)
-                    oldest[tp] = min(oldest.get(tp, event.ts_ms), event.ts_ms)
+                ts = event.ts_ms
+                if ts is not None:
+                    ts_list.append(ts)
+                    if ts < oldest.get(tp, ts + 1):
+                        oldest[tp] = ts
             except (EventDecodeError, UnmappableEventError) as exc:
                 kinds[(topic, "dead_letter")] += 1
                 dead.append((msg, exc))
@@ -343,22 +407,53 @@ class Worker:
         for (topic, kind), n in kinds.items():
             self.metrics.events.labels(topic, kind).inc(n)
         self.metrics.count_events(len(batch))
-        if dead:
-            self._dead_letter(dead)
+        # Stamped when read: a partition revoked (and maybe assigned again) before the
+        # batch is acknowledged makes the acknowledgement stale, never a commit of
+        # records this member did not process in order.
         stamp = self.progress.stamp(end_offsets, oldest)
-        by_ns = _by_namespace(wanted)
-        if not self._apply_storage(by_ns):
-            return  # stopping while a layer still fails: nothing of this batch commits
-        now = self.clock()
-        for ts in ts_list:
-            self.metrics.commit_to_invalidated.labels("storage").observe(max(0.0, now - ts / 1000))
-        self.progress.storage_acked(stamp)
+        return _Prepared(batch, wanted, table_of, stamp, ts_list, dead)
+
+    def _start(self, prepared: _Prepared) -> _InFlight:
+        """Dead-letter what must be, then send the batch's first attempt to the storage
+        layers on the storage thread (here, without one: outside :meth:`run`)."""
+        if prepared.dead:
+            self._dead_letter(prepared.dead)
+        by_ns = _by_namespace(prepared.wanted)
+        items = {ns: to_items(invs) for ns, invs in by_ns.items()}
+        pending = {ns: list(self._storage_layers[ns]) for ns in by_ns}
+        if self._storage_thread is None:
+            return _InFlight(prepared, by_ns, items, pending, None)
+        first = self._storage_thread.submit(self._attempt, items, pending)
+        return _InFlight(prepared, by_ns, items, pending, first)
+
+    def _attempt(
+        self, items: Mapping[str, list[Any]], pending: Mapping[str, list[str]]
+    ) -> dict[str, Any]:
+        """One ``invalidate_many`` per namespace (on the storage thread)."""
+        return {
+            ns: self.targets[ns].invalidate_many(items[ns], layers=layers)
+            for ns, layers in pending.items()
+            if layers and items[ns]
+        }
+
+    def _complete(self, inflight: _InFlight) -> bool:
+        """Wait for the first attempt, retry what failed, acknowledge; False when
+        stopping while a layer still fails (nothing of the batch commits)."""
+        prepared = inflight.prepared
+        first = None if inflight.first is None else inflight.first.result()
+        if not self._apply_storage(inflight.by_ns, inflight.pending, inflight.items, first):
+            return False
+        self.metrics.commit_to_invalidated.observe_since("storage", self.clock(), prepared.ts_ms)
+        self.progress.storage_acked(prepared.stamp)
         if self._on_storage_acked is not None:
+            batch = prepared.batch
             self._on_storage_acked([(m.topic(), m.partition(), m.offset()) for m in batch])
         if self._has_cdn:
+            unit = _CdnUnit(prepared.wanted, prepared.stamp, prepared.ts_ms, prepared.table_of)
             with self._cdn_cond:
-                self._cdn_queue.append(_CdnUnit(wanted, stamp, ts_list, table_of))
+                self._cdn_queue.append(unit)
                 self._cdn_cond.notify_all()
+        return True
 
     def _fail_safe(self, topic: str, table: str | None) -> set[Invalidation]:
         """Invalidate the record's table for all tenants (every table if unknown)."""
@@ -412,10 +507,15 @@ class Worker:
             self.metrics.dead_letters.labels(msg.topic()).inc()
 
     # -- invalidation with retries ----------------------------------------------------
-    def _apply_storage(self, by_ns: dict[str, set[Invalidation]]) -> bool:
-        pending = {ns: list(self._storage_layers[ns]) for ns in by_ns}
+    def _apply_storage(
+        self,
+        by_ns: dict[str, set[Invalidation]],
+        pending: dict[str, list[str]],
+        items: Mapping[str, list[Any]],
+        first: Mapping[str, Any] | None,
+    ) -> bool:
         try:
-            return self._apply(by_ns, pending, "storage", self._wait_paused)
+            return self._apply(by_ns, pending, "storage", self._wait_paused, items, first)
         finally:
             if self._paused:
                 self._consumer.resume(self._consumer.assignment())
@@ -428,9 +528,16 @@ class Worker:
         pending: dict[str, list[str]],
         side: str,
         wait: Callable[[float], bool],
+        items: Mapping[str, list[Any]] | None = None,
+        first: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Invalidate until every layer in ``pending`` acknowledged; False if told to stop."""
-        items = {ns: to_items(invs) for ns, invs in by_ns.items()}
+        """Invalidate until every layer in ``pending`` acknowledged; False if told to stop.
+
+        ``first``: the results of an attempt already made (per namespace), taken as
+        this loop's first; ``items``: ``by_ns`` as the core's items, if already built.
+        """
+        if items is None:
+            items = {ns: to_items(invs) for ns, invs in by_ns.items()}
         attempt = 0
         blocked: set[tuple[str, str]] = set()
         try:
@@ -441,7 +548,10 @@ class Worker:
                     if not layers or not items[ns]:
                         del pending[ns]
                         continue
-                    result = self.targets[ns].invalidate_many(items[ns], layers=layers)
+                    if first is not None and attempt == 0:
+                        result = first[ns]
+                    else:
+                        result = self.targets[ns].invalidate_many(items[ns], layers=layers)
                     failed = set(result.failed)
                     for layer in layers:
                         if layer not in failed:
@@ -538,9 +648,7 @@ class Worker:
             for name in self._cdn_layers.get(ns, ()):
                 if not self._purge_layer(ns, name, invs, table_of):
                     return False
-        now = self.clock()
-        for ts in ts_list:
-            self.metrics.commit_to_invalidated.labels("cdn").observe(max(0.0, now - ts / 1000))
+        self.metrics.commit_to_invalidated.observe_since("cdn", self.clock(), ts_list)
         self.progress.cdn_acked(Stamp(offsets))
         return True
 
@@ -705,6 +813,7 @@ class Worker:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("assigned %s", tps)
         self.progress.assign(tps)
+        self.status.assigned = True  # even with none: the join completed (a standby)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -714,6 +823,7 @@ class Worker:
             self._commit_offsets(consumer, ready)
         for topic, partition in tps:
             self.metrics.forget_partition(topic, partition)
+        self.status.assigned = bool(self.progress.owned())  # a rebalance: until on_assign
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -721,6 +831,7 @@ class Worker:
         self.progress.release(tps)
         for topic, partition in tps:
             self.metrics.forget_partition(topic, partition)
+        self.status.assigned = bool(self.progress.owned())
 
     def _lag_loop(self, client: Any) -> None:
         try:

@@ -23,6 +23,8 @@ from scripts.kafka_service import TansuBroker
 from scripts.services import PostgresServer, ServiceError
 
 TOPIC = "e2e.public.items"
+PRODUCTS_TOPIC = "e2e.public.products"
+TENANTS = ["acme", "globex", "initech"]
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,11 @@ def e2e_postgres() -> Iterator[PostgresServer]:
             conn.execute(
                 "CREATE TABLE items (tenant_id text, id int, name text, "
                 "PRIMARY KEY (tenant_id, id));"
-                "INSERT INTO items VALUES ('acme', 1, 'first')"
+                "INSERT INTO items VALUES ('acme', 1, 'first');"
+                "CREATE TABLE products (tenant_id text, id int, name text, "
+                "PRIMARY KEY (tenant_id, id));"
+                "INSERT INTO products SELECT t, i, t || '-v1' FROM unnest("
+                "ARRAY['acme', 'globex', 'initech']) t, generate_series(1, 2) i"
             )
         yield server
     finally:
@@ -69,12 +75,13 @@ def e2e_source(
         if topic == TOPIC:
             snapshot_done.set()
 
+    # skipped_operations defaults to "none": Debezium then emits truncates.
     settings = DebeziumSettings(
         host=e2e_postgres.host,
         port=e2e_postgres.port,
         user="postgres",
         database="postgres",
-        tables=["public.items"],
+        tables=["public.items", "public.products"],
         offsets_file=Path(tmp) / "offsets.dat",
         topic_prefix="e2e",
         slot_name="e2e",
@@ -169,3 +176,94 @@ def test_broker_stops_even_with_a_client_still_connected() -> None:
         broker.stop()
     assert process.poll() is not None
     assert broker.log_path is None
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_truncate_through_the_real_engine_invalidates_the_table_for_every_tenant(
+    e2e_postgres: PostgresServer,
+    e2e_source: DebeziumKafkaSource,
+    e2e_broker: TansuBroker,
+    redis_url: str,
+) -> None:
+    """TRUNCATE public.products -> Debezium (op t, skipped.operations=none) -> tansu ->
+    the worker -> every tenant's cached products are gone: the next reads go to the
+    (now empty) table for all three tenants instead of serving the cached rows."""
+    from cdc.worker import Worker, WorkerSettings
+    from tieredcache import MemoryLayer, RedisLayer, TieredCache, tenant_scope
+    from tieredcache.testing import wait_until
+
+    app = TieredCache("shop", [MemoryLayer(), RedisLayer(url=redis_url)])
+    loads: list[tuple[str, int]] = []
+
+    @app.cached(ttl=600, tags=lambda product_id: [f"product:{product_id}", "table:public.products"])
+    def product(product_id: int) -> str | None:
+        tenant = app_tenant[0]
+        loads.append((tenant, product_id))
+        with psycopg.connect(e2e_postgres.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT name FROM products WHERE tenant_id = %s AND id = %s", (tenant, product_id)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    app_tenant = [""]
+
+    def read_all() -> dict[tuple[str, int], str | None]:
+        seen = {}
+        for tenant in TENANTS:
+            app_tenant[0] = tenant
+            with tenant_scope(tenant):
+                for product_id in (1, 2):
+                    seen[(tenant, product_id)] = product(product_id)
+        return seen
+
+    rules = Rules(
+        [TableRule("public.products", "tenant_id", ["product:{id}"], ["shop"])],
+        message_prefix=None,
+    )
+    cache = TieredCache("shop", [RedisLayer(url=redis_url)], broadcast="publish")
+    truncates: list[tuple[int, int]] = []
+
+    class Watching(Worker):
+        def _prepare(self, batch: list[object]) -> object:
+            for msg in batch:
+                value = msg.value()  # type: ignore[attr-defined]
+                if value and b'"op":"t"' in value.replace(b" ", b""):
+                    truncates.append((msg.partition(), msg.offset()))  # type: ignore[attr-defined]
+            return super()._prepare(batch)  # type: ignore[arg-type]
+
+    worker = Watching(
+        WorkerSettings(
+            bootstrap_servers=e2e_broker.bootstrap,
+            topics=[PRODUCTS_TOPIC],
+            group_id="e2e-truncate",
+            dead_letter_topic=f"{PRODUCTS_TOPIC}.dlq",
+        ),
+        rules,
+        [cache],
+    )
+    acked: list[tuple[int, int]] = []
+    worker._on_storage_acked = lambda records: acked.extend((p, o) for _, p, o in records)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        app.connect(2.0)
+        assert set(read_all().values()) == {f"{t}-v1" for t in TENANTS}
+        assert len(loads) == 6
+        assert set(read_all().values()) == {f"{t}-v1" for t in TENANTS}
+        assert len(loads) == 6  # all six served from the cache
+        with psycopg.connect(e2e_postgres.dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE public.products")  # nothing else: only it can invalidate
+        wait_until(
+            lambda: bool(truncates) and truncates[0] in acked,
+            timeout=60,
+            message="the truncate record acknowledged by Redis and the broadcast",
+        )
+        assert read_all() == {(t, i): None for t in TENANTS for i in (1, 2)}
+        assert len(loads) == 12  # every tenant's entries were loaded again
+    finally:
+        worker.stop()
+        thread.join(30)
+        cache.close()
+        app.close()

@@ -3,6 +3,7 @@ coalescing, fail-safe mapping, the CDN's own progress, health and configuration.
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -266,6 +267,8 @@ def test_health_endpoints_report_liveness_readiness_and_metrics() -> None:
         assert get("/healthz") == (200, "ok\n")
         assert get("/readyz") == (503, "starting\n")
         w.status.consuming = True
+        assert get("/readyz") == (503, "waiting for a partition assignment\n")
+        w.status.assigned = True
         assert get("/readyz") == (200, "ok\n")
         w.status.failing["redis"] = "refused"
         assert get("/readyz") == (503, "failing: redis: refused\n")
@@ -348,3 +351,119 @@ def test_an_unconfirmed_dead_letter_stops_the_worker() -> None:
         )
         is None
     )
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+@dataclass
+class Part:
+    topic: str
+    partition: int
+
+
+def test_ready_only_once_the_group_assigned_partitions_and_not_during_a_rebalance() -> None:
+    """Connected is not ready: /readyz waits for on_assign; a revoke of everything makes
+    it not ready again until the next assignment."""
+    w = worker(FakeCache())
+    w.status.consuming = True  # subscribed, the group join still running
+    assert w.status.ready() == (False, "waiting for a partition assignment")
+    w._on_assign(None, [Part("t", 0), Part("t", 1)])
+    assert w.status.ready() == (True, "ok")
+    w._on_revoke(None, [Part("t", 0)])  # an incremental revoke keeps partition 1
+    assert w.status.ready() == (True, "ok")
+    w._on_revoke(None, [Part("t", 1)])
+    assert w.status.ready() == (False, "waiting for a partition assignment")
+    w._on_assign(None, [Part("t", 1)])
+    w._on_lost(None, [Part("t", 1)])
+    assert w.status.ready()[0] is False
+
+
+def test_an_empty_assignment_after_the_join_is_ready() -> None:
+    """More members than partitions: the join completed and gave this one none. It is a
+    ready standby (it takes partitions over on a rebalance), not a starting worker."""
+    w = worker(FakeCache())
+    w.status.consuming = True
+    w._on_assign(None, [])
+    assert w.status.ready() == (True, "ok")
+
+
+# --------------------------------------------------------------------------- batch timing
+
+
+class Rec:
+    """A consumed record, as confluent-kafka hands it over."""
+
+    def __init__(self, offset: int, value: dict[str, Any] | None) -> None:
+        self._offset = offset
+        self._value = None if value is None else json.dumps(value).encode()
+
+    def topic(self) -> str:
+        return TP[0]
+
+    def partition(self) -> int:
+        return TP[1]
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b'{"tenant_id": "acme", "id": 1}'
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> None:
+        return None
+
+
+def _change(op: str, ts_ms: int, snapshot: str = "false") -> dict[str, Any]:
+    row = {"tenant_id": "acme", "id": 1}
+    source = {"schema": "public", "table": "products", "ts_ms": ts_ms, "snapshot": snapshot}
+    return {"op": op, "before": None, "after": row, "source": source}
+
+
+def test_skipped_snapshot_reads_are_not_timed_as_invalidated_nor_counted_as_lag() -> None:
+    """Snapshot rows (op r, skipped by default) invalidate nothing: the commit-to-
+    invalidated histogram and the lag's oldest event time only see real changes."""
+    cache = FakeCache()
+    w = worker(cache)
+    w.clock = lambda: 1_000.0
+    w.progress.assign([TP])
+    batch = [
+        Rec(0, _change("r", 10_000, "true")),  # 990 s old: would dominate both figures
+        Rec(1, _change("r", 10_000, "last")),
+        Rec(2, _change("u", 999_500)),  # 0.5 s before the clock
+        Rec(3, None),  # a tombstone
+    ]
+    prepared = w._prepare(batch)
+    assert prepared.ts_ms == [999_500]
+    assert w.progress.snapshot()[TP][3] == 999_500  # the lag's oldest uncommitted event
+    assert w._process(batch)
+    reg = w.metrics.registry
+    name = "tieredcache_cdc_commit_to_invalidated_seconds"
+    assert reg.get_sample_value(f"{name}_count", {"side": "storage"}) == 1
+    assert reg.get_sample_value(f"{name}_sum", {"side": "storage"}) == pytest.approx(0.5)
+    assert reg.get_sample_value(f"{name}_bucket", {"side": "storage", "le": "0.25"}) == 0
+    assert reg.get_sample_value(f"{name}_bucket", {"side": "storage", "le": "0.5"}) == 1
+    events = "tieredcache_cdc_events_total"  # the batch was prepared twice: counts doubled
+    assert reg.get_sample_value(events, {"topic": TP[0], "kind": "skipped"}) == 4
+    assert reg.get_sample_value(events, {"topic": TP[0], "kind": "change"}) == 2
+    assert reg.get_sample_value(events, {"topic": TP[0], "kind": "ignored"}) == 2
+
+
+def test_with_include_snapshot_a_snapshot_read_is_an_invalidation_and_timed() -> None:
+    cache = FakeCache()
+    w = Worker(
+        WorkerSettings(bootstrap_servers="127.0.0.1:1", topics=["t"]),
+        Rules(
+            [TableRule("public.products", "tenant_id", ["product:{id}"], ["shop"])],
+            message_prefix=None,
+            include_snapshot=True,
+        ),
+        [cache],  # type: ignore[list-item]
+    )
+    w.progress.assign([TP])
+    prepared = w._prepare([Rec(0, _change("r", 5_000, "true"))])
+    assert prepared.ts_ms == [5_000]
+    assert prepared.wanted == {Invalidation("shop", "acme", "product:1")}
