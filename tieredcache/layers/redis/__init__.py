@@ -300,15 +300,14 @@ class RedisLayer:
         return Replicas(self, namespace, on_invalidate, on_resync, **options)
 
     # -- leases and TTLs -----------------------------------------------------
-    def _px(self, entry: Entry) -> int:
-        return max(1, int((entry.stale_until - self.timer()) * 1000))
-
-    def _lease_expired(self, lease: RedisLease | None) -> bool:
-        # A lease older than lease_ttl may predate a generation that has since expired.
-        return lease is not None and self.timer() - lease[1] > self.lease_ttl
-
-    def _tag_set_px(self, entry: Entry) -> int:
-        return self._px(entry) + 60_000
+    def _fill_px(self, entry: Entry, lease: RedisLease | None) -> int | None:
+        """A fill's TTL in ms (its tag sets live a minute longer), or None when its
+        lease is older than ``lease_ttl``: it may predate a generation that has
+        expired since, so the fill is refused. One clock read for both."""
+        now = self.timer()
+        if lease is not None and now - lease[1] > self.lease_ttl:
+            return None
+        return max(1, int((entry.stale_until - now) * 1000))
 
     # -- StorageLayer (sync) -------------------------------------------------
     def get(self, key: CacheKey) -> bytes | None:
@@ -372,14 +371,13 @@ class RedisLayer:
     ) -> bool:
         """Store ``value``; with a lease, only if nothing was invalidated since it.
         ``unlock`` releases the fill lock in the same round trip."""
-        if self._lease_expired(lease):
+        px = self._fill_px(entry, lease)
+        if px is None:
             if unlock is not None:
                 self.release_fill_lock(key, unlock)
             return False
         gens = None if lease is None else lease[0]
-        store = self.sync_store()
-        px, tag_px = self._px(entry), self._tag_set_px(entry)
-        return store.set(key, value, px, tags, gens, tag_px, bump, unlock)
+        return self.sync_store().set(key, value, px, tags, gens, px + 60_000, bump, unlock)
 
     def delete(self, keys: Sequence[CacheKey]) -> None:
         self.sync_store().delete(keys)
@@ -443,12 +441,11 @@ class RedisLayer:
         bump: bool = False,
         unlock: str | None = None,
     ) -> Coroutine[Any, Any, bool]:
-        if self._lease_expired(lease):
+        px = self._fill_px(entry, lease)
+        if px is None:
             return self._arefuse_fill(key, unlock)
         gens = None if lease is None else lease[0]
-        store = self.async_store()
-        px, tag_px = self._px(entry), self._tag_set_px(entry)
-        return store.set(key, value, px, tags, gens, tag_px, bump, unlock)
+        return self.async_store().set(key, value, px, tags, gens, px + 60_000, bump, unlock)
 
     async def _arefuse_fill(self, key: CacheKey, unlock: str | None) -> bool:
         if unlock is not None:
