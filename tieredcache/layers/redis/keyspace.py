@@ -17,6 +17,7 @@ to that many slots, and a tag invalidation runs once per bucket.
 
 from __future__ import annotations
 
+import binascii
 import re
 import zlib
 from collections.abc import Sequence
@@ -37,8 +38,24 @@ def fills_channel(prefix: str, namespace: str) -> str:
     return f"{prefix}:fills:{namespace}"
 
 
+def hash_slot(name: str) -> int:
+    """The Redis Cluster hash slot of ``name`` (CRC16-XMODEM of its hash tag, the text
+    between the first ``{`` and the next ``}`` if not empty, else of the whole name)."""
+    raw = name.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return binascii.crc_hqx(raw, 0) % 16384
+
+
+# Tenants whose slot prefixes are remembered (see RedisKeyspace.tenant_slots_of).
+TENANT_CACHE_MAX = 65536
+
+
 class RedisKeyspace:
-    __slots__ = ("prefix", "tenant_slots")
+    __slots__ = ("_tenant_cache", "prefix", "tenant_slots")
 
     def __init__(self, prefix: str, tenant_slots: int) -> None:
         if tenant_slots < 1 or tenant_slots > 1024:
@@ -47,6 +64,7 @@ class RedisKeyspace:
             raise ConfigurationError(f"key_prefix {prefix!r} must be 1-32 of [A-Za-z0-9._-]")
         self.prefix = prefix
         self.tenant_slots = tenant_slots
+        self._tenant_cache: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}
 
     def bucket_of(self, key: CacheKey) -> int:
         if self.tenant_slots == 1:
@@ -98,13 +116,33 @@ class RedisKeyspace:
             key_tags.append(f"{slot}:kt:{key.body}")
         return list(groups.values())
 
-    def tag_groups(self, tags: Sequence[Tag]) -> list[tuple[list[str], list[str]]]:
-        """Tags grouped per slot over every bucket of their tenant: (sets, generations)."""
-        by_tenant: dict[tuple[str, str], list[Tag]] = {}
+    def tenant_slots_of(self, namespace: str, tenant: str) -> tuple[tuple[str, int], ...]:
+        """Every slot of a tenant: (name prefix, cluster hash slot) per bucket. Built
+        once per tenant (a batch invalidation needs all of them for each tenant)."""
+        cache = self._tenant_cache
+        found = cache.get((namespace, tenant))
+        if found is None:
+            if len(cache) >= TENANT_CACHE_MAX:
+                cache.clear()
+            found = tuple(
+                (name, hash_slot(name))
+                for name in (self._slot(namespace, tenant, b) for b in range(self.tenant_slots))
+            )
+            cache[(namespace, tenant)] = found
+        return found
+
+    def tag_batches(
+        self, tags: Sequence[Tag]
+    ) -> list[tuple[tuple[tuple[str, int], ...], list[str]]]:
+        """Tags grouped per tenant: (every slot of the tenant, see :meth:`tenant_slots_of`,
+        the tag names). A tag is invalidated in each slot of its tenant."""
+        by_tenant: dict[tuple[str, str], list[str]] = {}
         for tag in tags:
-            by_tenant.setdefault((tag.namespace, tag.tenant), []).append(tag)
-        groups = []
-        for (namespace, tenant), tenant_tags in by_tenant.items():
-            for bucket in range(self.tenant_slots):
-                groups.append(self.tag_names_in(self._slot(namespace, tenant, bucket), tenant_tags))
-        return groups
+            names = by_tenant.get((tag.namespace, tag.tenant))
+            if names is None:
+                by_tenant[(tag.namespace, tag.tenant)] = [tag.name]
+            else:
+                names.append(tag.name)
+        return [
+            (self.tenant_slots_of(ns, tenant), names) for (ns, tenant), names in by_tenant.items()
+        ]

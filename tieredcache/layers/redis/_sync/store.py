@@ -7,14 +7,17 @@ Edit this file, then run ``python scripts/unasync.py``; CI checks that
 translated here, at the edge, into :class:`~tieredcache.errors.BackendError`.
 
 Every multi-key script touches names of a single hash slot, which is what lets
-them run on Redis Cluster.
+them run on Redis Cluster; the one exception, the batch tag invalidation sent per
+node (TAGS_NODE_LUA), declares it (a script flag) and touches only slots of the
+node it runs on, or is refused and sent again per slot.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -166,49 +169,73 @@ return dropped
 """
 )
 
-# Invalidate tags of one slot: drop every member value (and its memberships in other
-# tags) and the set, bump the tag generation. Member names share this slot's hash tag.
-# A batch invalidation sends hundreds of tags per slot, most of them with nothing
-# cached: one EXISTS (per 1000 sets) says whether any set is there to empty, and one
-# MGET reads the generations, so such a tag costs one SET. Each generation is bumped
-# as BUMP_LUA does (the clock read once for the run).
-# KEYS: tag-set x n, tag-gen x n   ARGV: n, gen px
-DELETE_TAGS_LUA = """
-local n = tonumber(ARGV[1])
+# Invalidate tags in some slots: in each, drop every member value of the tag's set (and
+# its memberships in other tags) and the set, and bump the tag's generation. A batch
+# invalidation sends each tenant's tags once for all of its slots (tenant_slots of
+# them): the script builds the names (slot prefix + ':t:' / ':gt:' + tag) itself, so a
+# tag costs the wire a name, not two names per slot. Member names share their set's
+# slot. Most tags have nothing cached: one EXISTS (per 1000 sets) says whether any set
+# is there to empty, one MGET reads the generations, so such a tag costs one SET per
+# slot. Each generation is bumped as BUMP_LUA does, the clock read once for the run:
+# to now (formatted once) unless it is already there or beyond (a clock stepped back).
+# KEYS: a name in the first slot (routes the call; not written)
+# ARGV: gen px, then groups of (s, slot prefix x s, n, tag x n)
+# Sent one slot per call (TAGS_LUA), the names it touches are all in its declared key's
+# slot, as a script without flags must keep them. Sent as TAGS_NODE_LUA, one call
+# carries many slots of one node (flag allow-cross-slot-keys, Redis >= 7.0): the server
+# still refuses any name of a slot it does not serve (moved, migrating, importing)
+# with an error, and the caller then sends every slot again, one per call, following
+# redirections; bumping twice invalidates nothing more.
+TAGS_LUA = """
+local call = redis.call
+local px = ARGV[1]
+local now = call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local now_s = string.format('%.0f', now_us)
 local dropped = 0
-local live = 0
-for s = 1, n, 1000 do
-  live = live + redis.call('EXISTS', unpack(KEYS, s, math.min(s + 999, n)))
+local function empty(set)
+  local members = redis.call('SMEMBERS', set)
+  for _, member in ipairs(members) do
+    dropped = dropped + redis.call('DEL', member)
+    local cut = string.find(member, '}:v:', 1, true)
+    if cut then
+      local key_tags = string.sub(member, 1, cut) .. ':kt:' .. string.sub(member, cut + 4)
+      for _, tag in ipairs(redis.call('SMEMBERS', key_tags)) do
+        if tag ~= set then redis.call('SREM', tag, member) end
+      end
+      redis.call('DEL', key_tags)
+    end
+  end
+  if #members > 0 then redis.call('DEL', set) end  -- an empty set does not exist
 end
-if live > 0 then
-  for i = 1, n do
-    local members = redis.call('SMEMBERS', KEYS[i])
-    for _, member in ipairs(members) do
-      dropped = dropped + redis.call('DEL', member)
-      local cut = string.find(member, '}:v:', 1, true)
-      if cut then
-        local key_tags = string.sub(member, 1, cut) .. ':kt:' .. string.sub(member, cut + 4)
-        for _, tag in ipairs(redis.call('SMEMBERS', key_tags)) do
-          if tag ~= KEYS[i] then redis.call('SREM', tag, member) end
+local i = 2
+while i <= #ARGV do
+  local s = tonumber(ARGV[i])
+  local first = i + s + 2
+  local last = first + tonumber(ARGV[i + s + 1]) - 1
+  for j = i + 1, i + s do
+    local slot = ARGV[j]
+    for c = first, last, 1000 do
+      local stop = math.min(c + 999, last)
+      local sets = {}
+      for k = c, stop do sets[k - c + 1] = slot .. ':t:' .. ARGV[k] end
+      if call('EXISTS', unpack(sets)) > 0 then
+        for _, set in ipairs(sets) do empty(set) end
+      end
+      for k = c, stop do
+        local gen = slot .. ':gt:' .. ARGV[k]
+        local old = call('SET', gen, now_s, 'PX', px, 'GET')
+        if old and tonumber(old) >= now_us then
+          call('SET', gen, string.format('%.0f', tonumber(old) + 1), 'PX', px)
         end
-        redis.call('DEL', key_tags)
       end
     end
-    if #members > 0 then redis.call('DEL', KEYS[i]) end  -- an empty set does not exist
   end
-end
-local now = redis.call('TIME')
-local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
-for s = 1, n, 1000 do
-  local last = math.min(s + 999, n)
-  local gens = redis.call('MGET', unpack(KEYS, n + s, n + last))
-  for j = 1, last - s + 1 do
-    local next = math.max(tonumber(gens[j] or '0') + 1, now_us)
-    redis.call('SET', KEYS[n + s + j - 1], string.format('%.0f', next), 'PX', ARGV[2])
-  end
+  i = last + 1
 end
 return dropped
 """
+TAGS_NODE_LUA = "#!lua flags=allow-cross-slot-keys\n" + TAGS_LUA.lstrip("\n")
 
 # Compare-and-delete release of a fill lock, waking waiters (if any) through pub/sub.
 # KEYS: lock, wait-mark   ARGV: token, channel, message
@@ -250,6 +277,15 @@ WRONG_TYPE_VALUE = b""
 # Unanswered lock attempts remembered for release, and released per lock call.
 UNANSWERED_MAX = 4096
 UNANSWERED_BATCH = 16
+# Tag-slot pairs (one tag in one slot) per call of TAGS_NODE_LUA. A node serves no one
+# else while a script runs: 256 took ~1.4 ms (~5 us each, most of it creating the
+# generation), about what the per-slot scripts read from one 16 KB network read took
+# before; 1024 was ~5% faster for the CDC worker and held the node ~5.5 ms.
+NODE_CALL_WORK = 256
+
+log = logging.getLogger("tieredcache.redis")
+# Script calls of a pipeline: (node, None on standalone Redis; [numkeys, *keys, *args]).
+Calls = list[tuple[Any, list[Any]]]
 
 
 def _wrong_type(exc: BaseException) -> bool:
@@ -300,7 +336,13 @@ class RedisStore:
         self._fill = client.register_script(FILL_LUA)
         self._lock = client.register_script(LOCK_LUA)
         self._delete_keys = client.register_script(DELETE_KEYS_LUA)
-        self._delete_tags = client.register_script(DELETE_TAGS_LUA)
+        self._tags = client.register_script(TAGS_LUA)
+        self._tags_node = client.register_script(TAGS_NODE_LUA)
+        # Whether a batch of tags goes out as one call per node (TAGS_NODE_LUA); off
+        # for good when the server cannot load that script (Redis < 7.0: no flags).
+        self.tags_by_node = True
+        # Node calls refused (a slot not where the client thought): sent per slot.
+        self.tags_by_node_refused = 0
         self._release = client.register_script(RELEASE_LUA)
         self._watch = client.register_script(WATCH_LUA)
         self._get_or_lock = client.register_script(GET_OR_LOCK_LUA)
@@ -458,57 +500,145 @@ class RedisStore:
             raise translate(self.layer, "set", exc) from exc
         return bool(result)
 
-    def _per_slot(
-        self, operation: str, script: Any, groups: Sequence[Sequence[list[str]]]
-    ) -> int:
-        """Run ``script`` once per slot group (its name lists concatenated), all in one
-        pipeline: one round trip on standalone Redis, one per node on a cluster
-        (redis-py's cluster pipeline sends each node its scripts together; run one by
-        one, a batch over hundreds of slots took a round trip each). A server without
-        the script (flushed, failed over) gets it, and the pipeline is sent again:
-        running a script twice invalidates nothing more."""
-        calls = []
-        for group in groups:
-            keys = [name for names in group for name in names]
-            calls.append((keys, len(group[0])))
-        try:
-            for attempt in range(2):
-                # The context manager resets the pipeline, returning its connection
-                # even when execute() fails half-way (Redis down).
-                with self.client.pipeline(transaction=False) as pipe:
-                    for keys, n in calls:
-                        command = ("EVALSHA", script.sha, len(keys), *keys, n, self.gen_px)
-                        if self.cluster:
-                            # The node named up front: left to find the keys itself,
-                            # redis-py's sync cluster pipeline asks the server (COMMAND
-                            # GETKEYS, one round trip per script). A redirection is
-                            # still followed: redis-py resends the command by its keys.
-                            node = self.client.get_node_from_key(keys[0])
-                            pipe.execute_command(*command, target_nodes=node)
-                        else:
-                            pipe.execute_command(*command)
+    def _run(self, script: Any, build: Callable[[], Calls]) -> int:
+        """EVALSHA ``script`` once per call ``(node, [numkeys, *keys, *args])`` of
+        ``build()`` (called once the client knows the cluster's slots), all in
+        one pipeline: one round trip on standalone Redis, one per node on a cluster
+        (redis-py's cluster pipeline sends each node its scripts together). ``node``
+        (None on standalone Redis) is named up front: left to find the keys itself,
+        redis-py's sync cluster pipeline asks the server (COMMAND GETKEYS, one round
+        trip per script); a redirection is still followed, by the call's first key.
+        A server without the script (flushed, failed over) gets it, and the pipeline is
+        sent again: running a script twice invalidates nothing more. Raises redis-py's
+        errors (callers translate them)."""
+        for attempt in range(2):
+            # The context manager resets the pipeline, returning its connection even
+            # when execute() fails half-way (Redis down).
+            with self.client.pipeline(transaction=False) as pipe:
+                sha = script.sha
+                for node, args in build():
+                    if node is None:
+                        pipe.execute_command("EVALSHA", sha, *args)
+                    else:
+                        pipe.execute_command("EVALSHA", sha, *args, target_nodes=node)
+                try:
+                    results = pipe.execute()
+                except redis.exceptions.NoScriptError:
+                    if attempt:
+                        raise
                     try:
-                        results = pipe.execute()
-                    except redis.exceptions.NoScriptError:
-                        if attempt:
-                            raise
                         script.sha = self.client.script_load(script.script)
-                        continue
-                return sum(int(result) for result in results)
+                    except redis.exceptions.ResponseError as exc:
+                        # Redis 6 does not compile a shebang ("Error compiling script"),
+                        # a server without the flag says "Unexpected flag in script
+                        # shebang": such a server is sent each slot alone from now on.
+                        refused = str(exc).lower()
+                        if script is self._tags_node and (
+                            "compiling" in refused or "shebang" in refused
+                        ):
+                            self.tags_by_node = False
+                        raise
+                    continue
+            return sum(int(result) for result in results)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _per_slot(self, operation: str, script: Any, build: Callable[[], Calls]) -> int:
+        try:
+            return self._run(script, build)
         except (*ERRORS, redis.exceptions.RedisClusterException) as exc:
             raise translate(self.layer, operation, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _node_of(self, name: str) -> Any:
+        return self.client.get_node_from_key(name) if self.cluster else None
 
     def delete(self, keys: Sequence[CacheKey]) -> int:
         if not keys:
             return 0
-        return self._per_slot("delete", self._delete_keys, self.keyspace.key_groups(keys))
+
+        def build() -> Calls:
+            calls: Calls = []
+            for values, gens, key_tags in self.keyspace.key_groups(keys):
+                n = len(values)
+                args = [3 * n, *values, *gens, *key_tags, n, self.gen_px]
+                calls.append((self._node_of(values[0]), args))
+            return calls
+
+        return self._per_slot("delete", self._delete_keys, build)
 
     def delete_tags(self, tags: Sequence[Tag]) -> int:
+        """Invalidate ``tags`` in every slot of their tenants (TAGS_LUA): one call per
+        node and per NODE_CALL_WORK tag-slots; per slot if the server refuses."""
         if not tags:
             return 0
-        groups = self.keyspace.tag_groups(tags)
-        return self._per_slot("delete_tags", self._delete_tags, groups)
+        batches = self.keyspace.tag_batches(tags)
+        if self.tags_by_node:
+            try:
+                return self._run(self._tags_node, lambda: self._node_calls(batches))
+            except (redis.exceptions.ResponseError, KeyError) as exc:
+                # A slot that is not where the client placed it (moved, migrating,
+                # importing, failed over; not in the client's map at all: KeyError) or
+                # a server without script flags: each slot again, alone, on the
+                # per-slot path that follows redirections.
+                self.tags_by_node_refused += 1
+                log.info("%s: tags sent per slot (%s)", self.layer, exc)
+            except (*ERRORS, redis.exceptions.RedisClusterException) as exc:
+                raise translate(self.layer, "delete_tags", exc) from exc
+
+        def build() -> Calls:
+            calls: Calls = []
+            px = self.gen_px
+            for slots, names in batches:
+                tail = [len(names), *names]
+                for prefix, _ in slots:
+                    calls.append((self._node_of(prefix), [1, prefix, px, 1, prefix, *tail]))
+            return calls
+
+        return self._per_slot("delete_tags", self._tags, build)
+
+    def _node_calls(self, batches: Sequence[tuple[Sequence[tuple[str, int]], list[str]]]) -> Calls:
+        """The calls of TAGS_NODE_LUA for ``batches`` (see RedisKeyspace.tag_batches):
+        each node's slots together, about NODE_CALL_WORK tag-slots per call."""
+        per_node: dict[Any, list[tuple[list[str], list[str]]]] = {}
+        if self.cluster:
+            # The client's slot map, read directly: get_node_from_slot (a lock and a
+            # deprecation wrapper per call) was a third of the client's time per batch.
+            # A slot not in it raises KeyError (sent per slot, see delete_tags).
+            slot_map = self.client.nodes_manager.slots_cache
+            for slots, names in batches:
+                here: dict[Any, list[str]] = {}
+                for prefix, slot in slots:
+                    node = slot_map[slot][0]
+                    prefixes = here.get(node)
+                    if prefixes is None:
+                        here[node] = prefixes = []
+                        per_node.setdefault(node, []).append((prefixes, names))
+                    prefixes.append(prefix)
+        else:
+            per_node[None] = [([prefix for prefix, _ in slots], names) for slots, names in batches]
+        calls: Calls = []
+        px = self.gen_px
+        for node, groups in per_node.items():
+            args: list[Any] = []
+            work = 0
+            for prefixes, names in groups:
+                n = len(names)
+                start = 0
+                while start < len(prefixes):
+                    part = prefixes[start : start + max(1, (NODE_CALL_WORK - work) // n)]
+                    if not args:
+                        args = [1, part[0], px]
+                    args.append(len(part))
+                    args += part
+                    args.append(n)
+                    args += names
+                    work += len(part) * n
+                    start += len(part)
+                    if work >= NODE_CALL_WORK:
+                        calls.append((node, args))
+                        args, work = [], 0
+            if args:
+                calls.append((node, args))
+        return calls
 
     def release_lock(self, key: CacheKey, token: str) -> bool:
         channel = self.keyspace.fills_channel(key.namespace)
