@@ -42,6 +42,13 @@ class ResultLike(Protocol):
     @property
     def failures(self) -> Sequence[LayerFailureLike]: ...
 
+    @property
+    def pending(self) -> list[str]: ...
+
+    def wait_purges(self, timeout: float | None = None) -> ResultLike:
+        """The result with its queued purges settled (``ok`` counts a queued one)."""
+        ...
+
 
 class InvalidationTarget(Protocol):
     """One namespace's cache, as the worker uses it."""

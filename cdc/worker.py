@@ -27,8 +27,9 @@ One loop, on one thread, per process (confluent-kafka is a blocking client):
    many tags of a tenant to the tenant key) and waits for tokens only when even
    that does not fit; a 429 waits its ``Retry-After`` and re-plans what the vendor
    did not take. Nothing is dropped; a slow CDN never holds back Redis and the
-   in-process layers. A ``CdnPurgeLayer`` is driven directly (``purge_keys`` then
-   ``flush``): its ``delete_tags`` only queues, so only its outcomes confirm.
+   in-process layers. A ``CdnPurgeLayer`` is driven directly (``purge_keys``, then
+   the returned ticket's outcome); another CDN layer through ``invalidate_many``,
+   whose queued purges are settled (``wait_purges``) before they count.
 6. **Commit** a partition's offset when both sides acknowledged everything
    before it (:mod:`cdc._progress`): the committed offset never passes the
    CDN's progress, and the CDN's never passes the storage side's.
@@ -88,6 +89,7 @@ class WorkerSettings:
     backoff_max: float = 5.0
     lag_interval: float = 1.0
     dead_letter_timeout: float = 10.0
+    cdn_timeout: float = 30.0
     shutdown_grace: float = 20.0
     heartbeat_prefix: str = "__debezium-heartbeat"
     transaction_topic: str | None = None
@@ -665,9 +667,7 @@ class Worker:
         nothing is dropped. False when stopping."""
         layer = self._cdn_objects[(ns, name)]
         bucket = self._cdn_buckets.get(name)
-        direct = callable(getattr(layer, "purge_keys", None)) and callable(
-            getattr(layer, "flush", None)
-        )
+        direct = callable(getattr(layer, "purge_keys", None))
         todo: set[Unit] = units_of(invs)
         # Tenants some of whose tags went out: their overflow key is still due.
         pinned: set[tuple[str, str]] = set()
@@ -740,28 +740,24 @@ class Worker:
         self, ns: str, name: str, layer: Any, units: list[Unit], direct: bool
     ) -> tuple[set[Unit], str, float | None] | None:
         """Send ``units``; None when all were confirmed, else (units left, reason, retry_after)."""
+        timeout = self.settings.cdn_timeout
         if direct:
-            # A CdnPurgeLayer queues and answers at once: flush() is its confirmation,
-            # and the one place a rate limit (with the keys not purged) shows.
+            # A CdnPurgeLayer queues and answers at once; the ticket of this call settles
+            # once these keys went out, with the outcomes of the batches that carried
+            # them: another caller's keys, or a delayed second purge that failed, are
+            # not counted against ours.
             keys = surrogate_keys(layer.purger.scheme, units)
-            layer.flush()  # outcomes of anyone else's purges are not ours to judge
-            layer.purge_keys(list(keys))
-            left: set[Unit] = set()
-            reason, retry_after = "", None
-            for outcome in layer.flush():
-                if outcome.status == "purged":
-                    continue
-                left |= {keys[k] for k in outcome.keys if k in keys}
-                if outcome.status == "rate_limited":
-                    reason = "rate-limited"
-                    retry_after = max(retry_after or 0.0, outcome.retry_after or 0.0)
-                elif not reason:
-                    reason = "error"
-            if left:
-                self.metrics.invalidations.labels(name).inc(len(units) - len(left))
-                return left, reason or "error", retry_after
-            self.metrics.invalidations.labels(name).inc(len(units))
-            return None
+            ticket = layer.purge_keys(list(keys))
+            if not ticket.wait(timeout):
+                return set(units), "timeout", None  # sent again: purging twice is harmless
+            if ticket.status == "purged":
+                self.metrics.invalidations.labels(name).inc(len(units))
+                return None
+            left = {keys[k] for k in ticket.unpurged if k in keys} or set(units)
+            self.metrics.invalidations.labels(name).inc(len(units) - len(left))
+            if ticket.status == "rate_limited":
+                return left, "rate-limited", ticket.retry_after
+            return left, "error", None
         by_tenant: dict[str | None, list[str]] = defaultdict(list)
         for u in units:
             if u.kind == "tag" or u.kind == "table":
@@ -770,11 +766,13 @@ class Worker:
                 raise TieredCacheError(f"{name}: a tenant purge needs a CdnPurgeLayer")
         items = [CoreInvalidation(t, tags=tuple(sorted(tags))) for t, tags in by_tenant.items()]
         result = self.targets[ns].invalidate_many(items, layers=[name])
-        if result.ok:
+        # A purge the layer only queued counts as ok: settle it, then judge it.
+        result = result.wait_purges(timeout)
+        if result.ok and not result.pending:
             self.metrics.invalidations.labels(name).inc(len(units))
             return None
         failures = list(getattr(result, "failures", ()))
-        reason = failures[0].reason if failures else "error"
+        reason = failures[0].reason if failures else ("timeout" if result.pending else "error")
         waits = [f.retry_after for f in failures if f.retry_after]
         return set(units), reason, (max(waits) if waits else None)
 

@@ -46,6 +46,13 @@ class Result:
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def pending(self) -> list[str]:
+        return []
+
+    def wait_purges(self, timeout: float | None = None) -> Result:
+        return self
+
 
 @dataclass
 class Layer:
