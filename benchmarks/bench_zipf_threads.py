@@ -109,6 +109,17 @@ def _drive(
     }
 
 
+def _steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests, all CPUs, since boot (0 if unknown).
+    The loader's sleeps do not slow down on a busy host but the CPU work does, so
+    the wall/floor ratio moves with it: each run reports how much was stolen."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _keys(path: str) -> list[int]:
     return list(json.loads(Path(path).read_text()))
 
@@ -316,6 +327,7 @@ def main() -> int:
                     print(f"{name} ({venv}) round {round_ + 1} ...", file=sys.stderr, flush=True)
                     if pinned:
                         os.sched_setaffinity(0, {0})
+                    stolen = _steal_seconds()
                     try:
                         run = peers.measure(
                             venv,
@@ -332,9 +344,11 @@ def main() -> int:
                     finally:
                         os.sched_setaffinity(0, cpus)
                     run["server"] = _redis.delta(before, _redis.info(host, port))
+                    run["steal"] = _steal_seconds() - stolen
                     runs.setdefault(name, []).append(run)
                     print(
                         f"  {run['wall']:.2f} s ({run['wall'] / floor:.2f}x floor), "
+                        f"host steal {run['steal']:.1f} s, "
                         f"loads {run['loads']:,}, round trips {run['server']['reads']:,}",
                         file=sys.stderr,
                     )
@@ -408,14 +422,17 @@ def _report(
         f"the ones run inside Lua scripts); `client cmds` and `client bursts` = counted in "
         f"the client, in redis-py's sync `Connection` (dogpile, and tieredcache's redis-py "
         f"calls) and in tieredcache's own per-thread sockets (its fast path): commands sent "
-        f"(a Lua script call is one) and socket writes."
+        f"(a Lua script call is one) and socket writes. `host steal` = CPU time the "
+        "hypervisor gave to other guests during that run (both CPUs, /proc/stat): the "
+        "loader's sleeps do not stretch on a busy host, the CPU work does, so the ratio "
+        "to the floor moves with it while before/after in the same run stay comparable."
     )
     rows = []
     for name, _label, _venv, note in contenders:
         e = results.get(name, {})
         label = e.get("label", name)
         if "error" in e:
-            rows.append([label, note, "failed: " + e["error"], *[""] * 10])
+            rows.append([label, note, "failed: " + e["error"], *[""] * 11])
             continue
         if "wall" not in e:
             continue
@@ -437,6 +454,7 @@ def _report(
                 _wall(e),
                 f"{e['wall'] / floor:.2f}x",
                 f"{e['cpu']:.1f} s",
+                f"{e.get('steal', 0.0):.1f} s",
                 _fmt_int(e["loads"]),
                 f"{e['loads'] / distinct:.2f}",
                 _fmt_int(srv["reads"]),
@@ -454,6 +472,7 @@ def _report(
             "wall",
             "wall / floor",
             "client CPU",
+            "host steal",
             "loader calls",
             "calls / distinct",
             "round trips",
