@@ -97,7 +97,9 @@ def test_alone_a_miss_costs_three_round_trips_and_a_shared_hit_one_get(redis_url
     cache.close()
 
 
-def test_without_the_fill_lock_a_miss_takes_its_lease_with_one_mget(redis_url: str) -> None:
+def test_without_the_fill_lock_a_miss_takes_its_lease_with_one_command(redis_url: str) -> None:
+    """The lease of an untagged fill is its key's generation (one GET); with tags, one
+    script reads them and creates the missing tag generations (LEASE_LUA)."""
     layer = RedisLayer(url=redis_url)
     cache = TieredCache("rt", [layer], broadcast=False)
     counter = CommandCounter(layer.sync_store().client)
@@ -106,11 +108,18 @@ def test_without_the_fill_lock_a_miss_takes_its_lease_with_one_mget(redis_url: s
     def load(item: int) -> int:
         return item
 
+    @cache.cached(ttl=60, lock=False, tags=lambda item: [f"item:{item}"])
+    def tagged(item: int) -> int:
+        return item
+
     with tenant_scope("acme"):
         load(0)
+        tagged(0)  # the server learns the scripts
         counter.take()
         assert load(1) == 1
-        assert counter.take() == ["GET", "MGET", "EVALSHA"]
+        assert counter.take() == ["GET", "GET", "EVALSHA"]
+        assert tagged(2) == 2
+        assert counter.take() == ["GET", "EVALSHA", "EVALSHA"]
     cache.close()
 
 

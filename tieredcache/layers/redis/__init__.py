@@ -22,6 +22,9 @@ from ...errors import BackendError, ConfigurationError, MissingExtraError
 from ...keys import CacheKey, Tag
 from .keyspace import RedisKeyspace
 
+# How leases and invalidations share tag generations (see settings()).
+LEASE_PROTOCOL = "2"
+
 if TYPE_CHECKING:  # the stores import redis-py: loaded on first use, so the extra stays optional
     from ._async.store import AsyncRedisStore
     from ._sync.store import RedisStore
@@ -241,11 +244,16 @@ class RedisLayer:
         return {name: float(at) for name, at in raw.items()}
 
     def settings(self) -> dict[str, str]:
-        """The keyspace settings that decide Redis names: a worker must use the same."""
+        """The keyspace settings that decide Redis names, and the lease protocol: a
+        worker must use the same. ``lease_protocol`` "2": leases create the tag
+        generations they read, so invalidations bump only those that exist (see
+        LEASE_TAGS_LUA in the store); an application that does not publish it
+        predates that, and relies on every invalidation creating them."""
         return {
             "key_prefix": self.keyspace.prefix,
             "tenant_slots": str(self.keyspace.tenant_slots),
             "cluster": "1" if self.cluster else "0",
+            "lease_protocol": LEASE_PROTOCOL,
         }
 
     def check_settings(self, namespace: str) -> list[str]:
@@ -262,7 +270,14 @@ class RedisLayer:
         problems = []
         for field, mine in self.settings().items():
             theirs = published.get(field)
-            if theirs is not None and theirs != mine:
+            if field == "lease_protocol" and theirs != mine:
+                problems.append(
+                    f"layer {self.name!r}: the application (namespace {namespace!r}) "
+                    f"takes leases by protocol {theirs or '1'!r}, this process by "
+                    f"{mine!r}: invalidations from here would not refuse its fills "
+                    "of stale values (upgrade every application process before the workers)"
+                )
+            elif theirs is not None and theirs != mine:
                 problems.append(
                     f"layer {self.name!r}: {field} is {mine!r} here but {theirs!r} in the "
                     f"application (namespace {namespace!r}): invalidations would miss its keys"

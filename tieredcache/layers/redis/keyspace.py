@@ -11,7 +11,7 @@ to that many slots, and a tag invalidation runs once per bucket.
     {prefix}:{ns:tenant:b}:gk:<body>  key generation (bumped by invalidation)
     {prefix}:{ns:tenant:b}:kt:<body>  the value's tag-set names (to leave old tags)
     {prefix}:{ns:tenant:b}:t:<tag>    tag set: value names carrying the tag
-    {prefix}:{ns:tenant:b}:gt:<tag>   tag generation
+    {prefix}:{ns:tenant:b}:gt:<tag>   tag generation (created by a lease, bumped if it exists)
     {prefix}:{ns:tenant:b}:l:<body>   fill lock
 """
 

@@ -97,30 +97,60 @@ return 1
 """
 )
 
+# The tag generations of a lease (KEYS[first..], into out[i + shift]). A tag's
+# generation exists only while a lease may hold it: a lease creates a missing one (at
+# the server clock in microseconds, like a bump; PX = the layer's lease_ttl), and a tag
+# invalidation bumps only those that exist (TAGS_LUA). A tag nobody leased since its
+# last generation expired then costs an invalidation no write at all, which is most
+# tags a CDC worker sees: without this, each invalidated tag created one generation per
+# tenant slot (16 on a cluster), ~4x the Redis time of the whole invalidation. Every
+# process that takes leases must create them (published as lease_protocol "2", see
+# RedisLayer.settings): a lease that read "absent" and was not made to exist would
+# survive an invalidation. Needs now_us (the caller's TIME).
+LEASE_TAGS_LUA = """
+local function lease_tags(out, first, shift, px)
+  local now_s
+  for i = first, #KEYS do
+    local gen = redis.call('GET', KEYS[i])
+    if not gen then
+      now_s = now_s or string.format('%.0f', now_us)
+      redis.call('SET', KEYS[i], now_s, 'PX', px)
+      gen = now_s
+    end
+    out[i + shift] = gen
+  end
+end
+"""
+
 # Fill locks are taken only before the caller's deadline (ARGV[3], ms on the server
 # clock, see RedisStore.deadline): a script that sat in a stalled server's
 # input buffer runs after its caller gave up on the reply, and a lock it took then
 # would be held for no one for the lock's whole PX, with other processes waiting
 # for it. Too late, the lock is not taken and the reply says so (2), with the
 # server time (ms) the caller calibrates its deadlines with.
-LOCK_DEADLINE_LUA = """
+LOCK_DEADLINE_LUA = (
+    """
+local now_us
 local function lock(name)
   local now = redis.call('TIME')
+  now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
   local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   if ms > tonumber(ARGV[3]) then return 2, ms end
   return redis.call('SET', name, ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0, ms
 end
 """
+    + LEASE_TAGS_LUA
+)
 
 # Take the fill lock and, in the same round trip, the generations that make up the
 # lease of the fill that follows. KEYS: lock, key-gen, tag-gen x n
-# ARGV: token, px, deadline   reply: {taken (1, 0, 2 = too late), server ms, gens...}
+# ARGV: token, px, deadline, gen px   reply: {taken (1, 0, 2 = too late), server ms, gens...}
 LOCK_LUA = (
     LOCK_DEADLINE_LUA
     + """
 local taken, ms = lock(KEYS[1])
-local out = {taken, ms}
-for i = 2, #KEYS do out[i + 1] = redis.call('GET', KEYS[i]) or false end
+local out = {taken, ms, redis.call('GET', KEYS[2]) or false}
+lease_tags(out, 3, 1, ARGV[4])
 return out
 """
 )
@@ -130,7 +160,7 @@ return out
 # A value name holding another type (someone's LPUSH) would fail every read with
 # WRONGTYPE, forever: it is deleted here and read as an empty, undecodable entry,
 # which callers count as one error and a miss, like any corrupt entry.
-# KEYS: value, lock, key-gen, tag-gen x n   ARGV: token, px, deadline
+# KEYS: value, lock, key-gen, tag-gen x n   ARGV: token, px, deadline, gen px
 # reply: {value} or {false, taken (1, 0, 2 = too late), server ms, gens...}
 GET_OR_LOCK_LUA = (
     LOCK_DEADLINE_LUA
@@ -143,8 +173,23 @@ if type(value) == 'table' then
 end
 if value then return {value} end
 local taken, ms = lock(KEYS[2])
-local out = {false, taken, ms}
-for i = 3, #KEYS do out[i + 1] = redis.call('GET', KEYS[i]) or false end
+local out = {false, taken, ms, redis.call('GET', KEYS[3]) or false}
+lease_tags(out, 4, 1, ARGV[4])
+return out
+"""
+)
+
+# A lease without a fill lock: the key's generation and the tag generations (created
+# if missing, see LEASE_TAGS_LUA). KEYS: key-gen, tag-gen x n   ARGV: gen px
+LEASE_LUA = (
+    """
+local now = redis.call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+"""
+    + LEASE_TAGS_LUA
+    + """
+local out = {redis.call('GET', KEYS[1]) or false}
+lease_tags(out, 2, 0, ARGV[1])
 return out
 """
 )
@@ -174,9 +219,10 @@ return dropped
 # invalidation sends each tenant's tags once for all of its slots (tenant_slots of
 # them): the script builds the names (slot prefix + ':t:' / ':gt:' + tag) itself, so a
 # tag costs the wire a name, not two names per slot. Member names share their set's
-# slot. Most tags have nothing cached: one EXISTS (per 1000 sets) says whether any set
-# is there to empty, one MGET reads the generations, so such a tag costs one SET per
-# slot. Each generation is bumped as BUMP_LUA does, the clock read once for the run:
+# slot. Most tags have nothing cached and no lease: one EXISTS (per 1000 sets) says
+# whether any set is there to empty, one MGET reads the generations, and only those
+# that exist are bumped (a missing one guards no lease: see LEASE_TAGS_LUA), so such a
+# tag costs no write at all. A bump is BUMP_LUA's, the clock read once for the run:
 # to now (formatted once) unless it is already there or beyond (a clock stepped back).
 # KEYS: a name in the first slot (routes the call; not written)
 # ARGV: gen px, then groups of (s, slot prefix x s, n, tag x n)
@@ -222,11 +268,17 @@ while i <= #ARGV do
       if call('EXISTS', unpack(sets)) > 0 then
         for _, set in ipairs(sets) do empty(set) end
       end
-      for k = c, stop do
-        local gen = slot .. ':gt:' .. ARGV[k]
-        local old = call('SET', gen, now_s, 'PX', px, 'GET')
-        if old and tonumber(old) >= now_us then
-          call('SET', gen, string.format('%.0f', tonumber(old) + 1), 'PX', px)
+      local gens = {}
+      for k = c, stop do gens[k - c + 1] = slot .. ':gt:' .. ARGV[k] end
+      local olds = call('MGET', unpack(gens))
+      for k = 1, #gens do
+        local old = olds[k]
+        if old then
+          if tonumber(old) < now_us then
+            call('SET', gens[k], now_s, 'PX', px)
+          else
+            call('SET', gens[k], string.format('%.0f', tonumber(old) + 1), 'PX', px)
+          end
         end
       end
     end
@@ -335,6 +387,7 @@ class RedisStore:
         self.gen_px = gen_px
         self._fill = client.register_script(FILL_LUA)
         self._lock = client.register_script(LOCK_LUA)
+        self._lease = client.register_script(LEASE_LUA)
         self._delete_keys = client.register_script(DELETE_KEYS_LUA)
         self._tags = client.register_script(TAGS_LUA)
         self._tags_node = client.register_script(TAGS_NODE_LUA)
@@ -412,11 +465,15 @@ class RedisStore:
         return values
 
     def generations(self, key: CacheKey, tags: Sequence[Tag]) -> tuple[bytes | None, ...]:
-        """The generations guarding a fill of ``key`` (its own and its tags'): one MGET."""
+        """The generations guarding a fill of ``key`` (its own and its tags'): one GET,
+        or with tags one LEASE_LUA call (a missing tag generation is created)."""
         slot = self.keyspace.slot_of(key)
-        _, tag_gens = self.keyspace.tag_names_in(slot, tags)
+        key_gen = f"{slot}:gk:{key.body}"
         try:
-            values = self.client.mget([f"{slot}:gk:{key.body}", *tag_gens])
+            if not tags:
+                return (self.client.get(key_gen),)
+            _, tag_gens = self.keyspace.tag_names_in(slot, tags)
+            values = self._lease(keys=[key_gen, *tag_gens], args=[self.gen_px])
         except ERRORS as exc:
             raise translate(self.layer, "lease", exc) from exc
         return tuple(values)
@@ -431,7 +488,7 @@ class RedisStore:
         names = [f"{slot}:l:{key.body}", f"{slot}:gk:{key.body}", *tag_gens]
         sent, deadline = self.deadline()
         try:
-            result = self._lock(keys=names, args=[token, px, deadline])
+            result = self._lock(keys=names, args=[token, px, deadline, self.gen_px])
         except ERRORS as exc:
             self._unanswered(key, token, sent)
             raise translate(self.layer, "lock", exc) from exc
@@ -453,7 +510,7 @@ class RedisStore:
         names.extend(tag_gens)
         sent, deadline = self.deadline()
         try:
-            result = self._get_or_lock(keys=names, args=[token, px, deadline])
+            result = self._get_or_lock(keys=names, args=[token, px, deadline, self.gen_px])
         except ERRORS as exc:
             self._unanswered(key, token, sent)
             raise translate(self.layer, "get", exc) from exc
