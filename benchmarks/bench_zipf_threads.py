@@ -167,6 +167,63 @@ def child_tieredcache(url: str, keys: str, threads: int, sleep: float) -> dict[s
     }
 
 
+def child_minimal(url: str, keys: str, threads: int, sleep: float) -> dict[str, Any]:
+    """The protocol's floor: tieredcache's own wire (a blocking socket per thread) and
+    Lua scripts, driven by the least code that does a miss: a dict as the in-process
+    layer, read-or-lock, load, fill with the lease, no engine (no metrics, breaker,
+    single-flight, XFetch, tags, tenants, codec). A caller that finds the fill lock
+    held polls GET every millisecond. What "after" costs above this row is the engine."""
+    import contextlib
+    import json as json_
+    import uuid
+    from urllib.parse import urlparse
+
+    from tieredcache.layers.redis._sync.store import FILL_LUA, GET_OR_LOCK_LUA
+    from tieredcache.layers.redis.wire.direct import DirectConnections
+
+    parsed = urlparse(url)
+    conns = DirectConnections(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379)
+    get_or_lock = conns.execute("SCRIPT", "LOAD", GET_OR_LOCK_LUA)
+    fill = conns.execute("SCRIPT", "LOAD", FILL_LUA)
+    memory: dict[int, Any] = {}
+    calls = itertools.count()
+    slot = "tc:{zipf:bench:0}"
+
+    def get_item(uid: int) -> Any:
+        found = memory.get(uid)
+        if found is not None:
+            return found
+        body = f"get_item:{uid}"
+        value_name, lock, gen = f"{slot}:v:{body}", f"{slot}:l:{body}", f"{slot}:gk:{body}"
+        token = uuid.uuid4().hex
+        deadline = int(time.time() * 1000) + 5000
+        reply = conns.execute(
+            "EVALSHA", get_or_lock, 3, value_name, lock, gen, token, 5000, deadline, 600_000
+        )
+        while reply[0] is None and reply[1] != 1:  # another caller fills it: poll
+            time.sleep(0.001)
+            stored = conns.execute("GET", value_name)
+            if stored is not None:
+                reply = [stored]
+        if reply[0] is not None:
+            found = memory[uid] = json_.loads(reply[0])
+            return found
+        next(calls)
+        time.sleep(sleep)
+        result = value(uid)
+        conns.execute(
+            "EVALSHA", fill, 5, value_name, gen, f"{slot}:kt:{body}", lock, f"{slot}:w:{body}",
+            json_.dumps(result), 600_000, 0, 1, 660_000, 0, 600_000, token, "fills", body,
+            reply[3] or b"",
+        )  # fmt: skip
+        memory[uid] = result
+        return result
+
+    result = _drive(get_item, _keys(keys), threads, contextlib.nullcontext)
+    conns.close()
+    return {**result, "loads": next(calls), "versions": _versions("redis", "hiredis")}
+
+
 def child_dogpile(
     url: str, keys: str, threads: int, sleep: float, lock_sleep: float | None = None
 ) -> dict[str, Any]:
@@ -207,6 +264,7 @@ def child_dogpile_fastpoll(url: str, keys: str, threads: int, sleep: float) -> d
 CHILDREN = {
     "before": child_tieredcache,
     "after": child_tieredcache,
+    "minimal": child_minimal,
     "dogpile": child_dogpile,
     "dogpile_fastpoll": child_dogpile_fastpoll,
 }
@@ -220,6 +278,13 @@ CONTENDERS = [
         "MemoryLayer(100k) + RedisLayer, defaults; sync @cache.cached(ttl=600)",
     ),
     ("after", "**tieredcache after**", "project", "as above"),
+    (
+        "minimal",
+        "floor of the protocol (reference)",
+        "project",
+        "after's wire and Lua scripts with no engine: dict L1, read-or-lock, load, fill "
+        "with lease; lock waiters poll GET every 1 ms (`child_minimal`)",
+    ),
     (
         "dogpile",
         "dogpile.cache",
@@ -335,7 +400,9 @@ def main() -> int:
                             name,
                             params,
                             timeout=900,
-                            source=sources.get(name) if venv == "project" else None,
+                            source=sources.get("after" if name == "minimal" else name)
+                            if venv == "project"
+                            else None,
                         )
                     except peers.PeerError as exc:
                         entry["error"] = str(exc).splitlines()[0][:300]
@@ -550,6 +617,18 @@ def _targets(ok: dict[str, dict[str, Any]], distinct: int, floor: float) -> str:
                 "(not a gate) wall, round trips",
                 f"{a['wall'] / b['wall']:.2f}x wall, "
                 f"{a['server']['reads'] / max(b['server']['reads'], 1):.2f}x round trips",
+                "-",
+            ]
+        )
+    if "after" in ok and "minimal" in ok:
+        a, m = ok["after"], ok["minimal"]
+        rows.append(
+            [
+                "after vs the protocol's floor",
+                "(not a gate) wall, client CPU",
+                f"{a['wall'] / floor:.2f}x vs {m['wall'] / floor:.2f}x the floor; client CPU "
+                f"{a['cpu']:.1f} s vs {m['cpu']:.1f} s (the engine: "
+                f"{(a['cpu'] - m['cpu']) / max(a['loads'], 1) * 1e6:.0f} µs per load)",
                 "-",
             ]
         )
