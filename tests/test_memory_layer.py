@@ -241,3 +241,37 @@ def test_delete_tag_everywhere_refuses_earlier_fills_in_any_tenant(clock: FakeCl
     assert store(layer, clock, other, 3, tags=(tag("cat", "t9", "other"),), lease=early) is True
     _, late = layer.get_with_lease(key("a", "t9"), ())
     assert store(layer, clock, key("a", "t9"), 1, tags=(tag("cat", "t9"),), lease=late) is True
+
+
+def test_a_suspended_memory_layer_is_skipped_not_counted_as_a_lease_refusal() -> None:
+    """While the in-process layer is suspended (the replica broadcast is unproven, as at
+    every start), fills and writes pass it by: no lease rejection is counted, and an
+    explicit put still lands in the shared layer instead of being read as "overtaken
+    by an invalidation" and dropped everywhere."""
+    from tests.dict_layer import DictSharedLayer
+
+    memory, shared = MemoryLayer(), DictSharedLayer()
+    cache = TieredCache("ns", [memory, shared], broadcast=False)
+    loads: list[int] = []
+
+    @cache.cached(ttl=60)
+    def f(i: int) -> int:
+        loads.append(i)
+        return i * 10
+
+    memory.suspend()
+    with tenant_scope("acme"):
+        assert f(1) == 10
+        f.put(99, 7)
+        key7 = f.key(7)
+        assert f(7) == 99  # a shared hit: the put was stored, not dropped
+    stats = cache.stats()
+    assert stats.loader.lease_rejections == 0
+    assert stats.layers["memory"].sets == 0 and len(memory) == 0
+    assert shared.get(key7) is not None
+    assert loads == [1]
+    memory.resume()
+    with tenant_scope("acme"):
+        assert f(2) == 20
+    assert cache.stats().layers["memory"].sets == 1
+    cache.close()

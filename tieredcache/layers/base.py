@@ -181,6 +181,12 @@ class InProcessLayer(InvalidationLayer, Protocol):
         """Accept fills again (after a resync)."""
         ...
 
+    @property
+    def suspended(self) -> bool:
+        """Between :meth:`suspend` and :meth:`resume`: the engine does not offer it
+        sets (their refusal would read as a lease overtaken by an invalidation)."""
+        ...
+
     def delete_tag_everywhere(self, namespace: str, name: str) -> None:
         """Drop tag ``name`` in every tenant of ``namespace``, and refuse fills whose
         lease predates this for any of them (an all-tenant invalidation)."""

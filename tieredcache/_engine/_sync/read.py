@@ -422,9 +422,13 @@ def _set(
     bump: bool,
     unlock_token: str | None,
 ) -> Any:
-    """Store in one layer -> True, False (refused by its lease) or None (failed)."""
+    """Store in one layer -> True, False (refused by its lease) or None (failed, or
+    an in-process layer that is suspended: not a refusal, which would count as a lease
+    overtaken and make a write drop the key everywhere)."""
     guard = req.stack.storage[position]
     if guard.local:
+        if guard.layer.suspended:
+            return None
         band = xfetch_band_start(entry, req.policy.early_refresh_beta)
         args: tuple[Any, ...] = (req.key, entry, entry, req.tags, lease, bump, req.alias, band)
         accepted = guard.call(
