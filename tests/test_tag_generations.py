@@ -161,7 +161,9 @@ def test_the_whole_race_through_the_cache_with_the_fill_lock(redis_url: str) -> 
 
 def test_an_application_that_predates_the_protocol_is_reported(redis_url: str) -> None:
     """An application that does not publish lease_protocol relies on invalidations
-    creating generations: a worker that skips missing ones is told."""
+    creating generations: a worker that skips missing ones is told. (The settings
+    hash holds what the last application to start published: the HDEL stands for an
+    old application publishing on a Redis where no new one has yet.)"""
     app = TieredCache("gens", [RedisLayer(url=redis_url)])
 
     @app.cached(ttl=60)
