@@ -19,6 +19,7 @@ Format (``${NAME}`` is replaced from the environment, as in the rules)::
     [worker]
     batch_size = 500
     backoff_max = 5.0
+    settings_check_interval = 30.0             # re-read the app's settings (0: never)
     shutdown_grace = 20.0
     health_port = 9464                         # /healthz /readyz /metrics
 

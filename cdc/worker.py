@@ -90,6 +90,7 @@ class WorkerSettings:
     lag_interval: float = 1.0
     dead_letter_timeout: float = 10.0
     cdn_timeout: float = 30.0
+    settings_check_interval: float = 30.0
     shutdown_grace: float = 20.0
     heartbeat_prefix: str = "__debezium-heartbeat"
     transaction_topic: str | None = None
@@ -221,6 +222,10 @@ class Worker:
         self._cdn_stop = False
         self._cdn_thread: threading.Thread | None = None
         self._all_tables = {r.table for r in rules.tables.values()}
+        # The applications' published keyspace settings, checked again every
+        # settings_check_interval (and before every retry while they disagree).
+        self._settings_due: dict[str, float] = {}
+        self._settings_problems: dict[str, list[str]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     def stop(self) -> None:
@@ -431,12 +436,43 @@ class Worker:
     def _attempt(
         self, items: Mapping[str, list[Any]], pending: Mapping[str, list[str]]
     ) -> dict[str, Any]:
-        """One ``invalidate_many`` per namespace (on the storage thread)."""
+        """One ``invalidate_many`` per namespace (on the storage thread); a namespace
+        whose application settings disagree is left to :meth:`_apply`."""
         return {
             ns: self.targets[ns].invalidate_many(items[ns], layers=layers)
             for ns, layers in pending.items()
-            if layers and items[ns]
+            if layers and items[ns] and not self._settings_disagree(ns)
         }
+
+    def _settings_disagree(self, ns: str) -> list[str]:
+        """What the application published for ``ns`` and this worker's cache disagree
+        on (key prefix, tenant slots, lease protocol): invalidations would go to names
+        nobody reads, or let stale fills through, while reporting success. Read every
+        ``settings_check_interval`` seconds, and on every call while they disagree.
+        Nothing published (a Redis restarted empty) is not a disagreement."""
+        interval = self.settings.settings_check_interval
+        check = getattr(self.targets[ns], "check_settings", None)
+        if interval <= 0 or check is None:
+            return []
+        now = time.monotonic()
+        if ns not in self._settings_problems and now < self._settings_due.get(ns, 0.0):
+            return []
+        self._settings_due[ns] = now + interval
+        try:
+            problems: list[str] = check(unknown_ok=True)
+        except TieredCacheError as exc:  # unreadable: the invalidation will say why
+            log.warning("namespace %r: settings not checked: %s", ns, exc)
+            return []
+        if problems and ns not in self._settings_problems:
+            for problem in problems:
+                log.error("namespace %r: %s; not invalidating until it agrees", ns, problem)
+        elif not problems and ns in self._settings_problems:
+            log.warning("namespace %r: the application's settings agree again", ns)
+        if problems:
+            self._settings_problems[ns] = problems
+        else:
+            self._settings_problems.pop(ns, None)
+        return problems
 
     def _complete(self, inflight: _InFlight) -> bool:
         """Wait for the first attempt, retry what failed, acknowledge; False when
@@ -550,8 +586,16 @@ class Worker:
                     if not layers or not items[ns]:
                         del pending[ns]
                         continue
-                    if first is not None and attempt == 0:
+                    if first is not None and attempt == 0 and ns in first:
                         result = first[ns]
+                    elif side == "storage" and self._settings_disagree(ns):
+                        # Held like a failing layer: paused, retried, nothing committed.
+                        self.metrics.layer_failures.labels("settings", "mismatch").inc()
+                        self.status.failing["settings"] = "mismatch"
+                        if ("settings", "mismatch") not in blocked:
+                            blocked.add(("settings", "mismatch"))
+                            self.metrics.blocked.labels("settings", "mismatch").set(1)
+                        continue
                     else:
                         result = self.targets[ns].invalidate_many(items[ns], layers=layers)
                     failed = set(result.failed)

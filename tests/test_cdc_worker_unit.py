@@ -474,3 +474,64 @@ def test_with_include_snapshot_a_snapshot_read_is_an_invalidation_and_timed() ->
     prepared = w._prepare([Rec(0, _change("r", 5_000, "true"))])
     assert prepared.ts_ms == [5_000]
     assert prepared.wanted == {Invalidation("shop", "acme", "product:1")}
+
+
+class DriftingCache(FakeCache):
+    """A cache whose application's published settings disagree for the first
+    ``disagree`` checks."""
+
+    def __init__(self, disagree: int) -> None:
+        super().__init__()
+        self.disagree = disagree
+        self.checks: list[bool] = []
+
+    def check_settings(self, *, unknown_ok: bool = False) -> list[str]:
+        self.checks.append(unknown_ok)
+        if self.disagree > 0:
+            self.disagree -= 1
+            return ["layer 'redis': tenant_slots is '1' here but '4' in the application"]
+        return []
+
+
+def test_a_settings_disagreement_holds_the_batch_until_it_agrees_again() -> None:
+    """An application redeployed with other settings: the worker invalidates nothing
+    (it would go to names nobody reads), says why on /readyz and in the metrics, and
+    retries, re-reading the settings each time, until they agree; then the batch goes."""
+    cache = DriftingCache(disagree=2)
+    w = worker(cache)
+    seen: list[tuple[bool, str]] = []
+
+    def wait(delay: float) -> bool:
+        seen.append(w.status.ready())
+        return True
+
+    w.status.consuming = w.status.assigned = True
+    wanted = {"shop": {Invalidation("shop", "acme", "product:1")}}
+    assert w._apply(wanted, {"shop": ["memory", "redis"]}, "storage", wait)
+    assert cache.checks == [True, True, True]  # read again on every retry, unknown ok
+    assert [names for _, names in cache.calls] == [["memory", "redis"]]  # once, at the end
+    assert seen == [(False, "failing: settings: mismatch")] * 2
+    reg = w.metrics.registry
+    labels = {"layer": "settings", "reason": "mismatch"}
+    assert reg.get_sample_value("tieredcache_cdc_layer_failures_total", labels) == 2
+    assert reg.get_sample_value("tieredcache_cdc_blocked", labels) == 0
+    assert w.status.ready() == (True, "ok")
+    # Agreeing now, the settings are not read again before the interval has passed.
+    assert w._apply(wanted, {"shop": ["memory", "redis"]}, "storage", wait)
+    assert cache.checks == [True, True, True]
+
+
+def test_the_settings_check_can_be_turned_off() -> None:
+    cache = DriftingCache(disagree=5)
+    w = worker(cache, settings_check_interval=0)
+    wanted = {"shop": {Invalidation("shop", "acme", "product:1")}}
+    assert w._apply(wanted, {"shop": ["redis"]}, "storage", lambda d: True)
+    assert cache.checks == [] and len(cache.calls) == 1
+
+
+def test_the_first_attempt_leaves_a_disagreeing_namespace_to_the_retry_loop() -> None:
+    cache = DriftingCache(disagree=1)
+    w = worker(cache)
+    items = {"shop": to_items({Invalidation("shop", "acme", "product:1")})}
+    assert w._attempt(items, {"shop": ["redis"]}) == {}
+    assert cache.calls == []

@@ -400,19 +400,23 @@ class TieredCache:
             self._stack, keys, tags, counters, everywhere=everywhere, only=layers
         )
 
-    def check_settings(self) -> list[str]:
+    def check_settings(self, *, unknown_ok: bool = False) -> list[str]:
         """Problems that would make this cache's invalidations miss an application's
         entries: for each shared layer that keeps namespace state, what the
-        application published (namespace, key prefix, tenant slots) differs, or
-        nothing was published. Empty when all agree. For CDC workers (``check``)."""
+        application published (namespace, key prefix, tenant slots, lease protocol)
+        differs, or nothing was published or it cannot be read (unless ``unknown_ok``:
+        a running worker learns of a layer that is down from its invalidations). Empty
+        when all agree. For CDC workers (``check``, and every
+        ``settings_check_interval`` while running)."""
         problems: list[str] = []
         for guard in self._stack.storage:
             layer = guard.layer
             if isinstance(layer, NamespaceStateLayer):
                 try:
-                    problems += layer.check_settings(self.namespace)
+                    problems += layer.check_settings(self.namespace, unknown_ok)
                 except BackendError as exc:
-                    problems.append(f"layer {guard.name!r}: cannot read its settings: {exc}")
+                    if not unknown_ok:
+                        problems.append(f"layer {guard.name!r}: cannot read its settings: {exc}")
         return problems
 
     # -- get-or-load for loaders that are not decorated ---------------------------

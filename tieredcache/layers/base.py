@@ -307,7 +307,10 @@ class NamespaceStateLayer(Protocol):
         application's keyspace settings, in the same round trip."""
         ...
 
-    def check_settings(self, namespace: str) -> list[str]: ...
+    def check_settings(self, namespace: str, unknown_ok: bool = False) -> list[str]:
+        """Problems with what the application published for ``namespace`` (empty: it
+        agrees); ``unknown_ok``: nothing published is not a problem."""
+        ...
 
 
 # A layer that stores entries, in this process or shared: what ``TieredCache``

@@ -256,12 +256,16 @@ class RedisLayer:
             "lease_protocol": LEASE_PROTOCOL,
         }
 
-    def check_settings(self, namespace: str) -> list[str]:
+    def check_settings(self, namespace: str, unknown_ok: bool = False) -> list[str]:
         """Problems that would make this layer invalidate names nobody reads: what an
         application published for ``namespace`` under this key prefix differs, or
-        nothing was published (another prefix or namespace?)."""
+        nothing was published (another prefix or namespace?), unless ``unknown_ok``
+        (a running worker: a Redis restarted without its data has lost them until an
+        application starts again)."""
         published = self.sync_store().hash_get(self.keyspace.settings(namespace))
         if not published:
+            if unknown_ok:
+                return []
             return [
                 f"layer {self.name!r}: no application published keyspace settings for "
                 f"namespace {namespace!r} under key prefix {self.keyspace.prefix!r} "
