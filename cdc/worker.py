@@ -459,10 +459,13 @@ class Worker:
             return []
         self._settings_due[ns] = now + interval
         try:
-            problems: list[str] = check(unknown_ok=True)
-        except TieredCacheError as exc:  # unreadable: the invalidation will say why
-            log.warning("namespace %r: settings not checked: %s", ns, exc)
-            return []
+            problems: list[str] = check(unpublished_ok=True)
+        except TieredCacheError as exc:
+            # Unreadable now (a timeout): the last verdict stands. A namespace held for
+            # a disagreement stays held; one that agreed goes on, and its invalidation
+            # says whether the layer is down.
+            log.warning("namespace %r: settings not read: %s", ns, exc)
+            return self._settings_problems.get(ns, [])
         if problems and ns not in self._settings_problems:
             for problem in problems:
                 log.error("namespace %r: %s; not invalidating until it agrees", ns, problem)

@@ -18,7 +18,7 @@ from cdc.config import load_config
 from cdc.health import HealthServer
 from cdc.rules import Invalidation, Rules, TableRule
 from cdc.worker import Worker, WorkerSettings
-from tieredcache.errors import ConfigurationError
+from tieredcache.errors import BackendError, ConfigurationError
 
 TP = ("shop.public.products", 0)
 
@@ -480,13 +480,16 @@ class DriftingCache(FakeCache):
     """A cache whose application's published settings disagree for the first
     ``disagree`` checks."""
 
-    def __init__(self, disagree: int) -> None:
+    def __init__(self, disagree: int, unreadable: Sequence[int] = ()) -> None:
         super().__init__()
         self.disagree = disagree
+        self.unreadable = set(unreadable)  # the checks (0-based) that time out
         self.checks: list[bool] = []
 
-    def check_settings(self, *, unknown_ok: bool = False) -> list[str]:
-        self.checks.append(unknown_ok)
+    def check_settings(self, *, unpublished_ok: bool = False) -> list[str]:
+        self.checks.append(unpublished_ok)
+        if len(self.checks) - 1 in self.unreadable:
+            raise BackendError("redis", "check_settings", "timed out")
         if self.disagree > 0:
             self.disagree -= 1
             return ["layer 'redis': tenant_slots is '1' here but '4' in the application"]
@@ -535,3 +538,18 @@ def test_the_first_attempt_leaves_a_disagreeing_namespace_to_the_retry_loop() ->
     items = {"shop": to_items({Invalidation("shop", "acme", "product:1")})}
     assert w._attempt(items, {"shop": ["redis"]}) == {}
     assert cache.calls == []
+
+
+def test_a_settings_read_that_fails_while_held_keeps_the_batch_held() -> None:
+    """A timeout reading the settings is no verdict: a namespace held for a
+    disagreement stays held (it is not invalidated under the wrong settings)."""
+    cache = DriftingCache(disagree=2, unreadable=[1])
+    w = worker(cache)
+    wanted = {"shop": {Invalidation("shop", "acme", "product:1")}}
+    assert w._apply(wanted, {"shop": ["redis"]}, "storage", lambda d: True)
+    # disagree, unreadable (still held), disagree, agree: then the batch goes, once
+    assert len(cache.checks) == 4
+    assert len(cache.calls) == 1
+    reg = w.metrics.registry
+    labels = {"layer": "settings", "reason": "mismatch"}
+    assert reg.get_sample_value("tieredcache_cdc_layer_failures_total", labels) == 3

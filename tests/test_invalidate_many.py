@@ -17,7 +17,7 @@ from tieredcache import (
     TieredCache,
     tenant_scope,
 )
-from tieredcache.errors import ConfigurationError
+from tieredcache.errors import BackendError, ConfigurationError
 from tieredcache.keys import CacheKey, Tag
 from tieredcache.layers.cdn import (
     FASTLY,
@@ -288,15 +288,17 @@ def test_check_settings_finds_a_worker_that_would_miss_the_applications_keys(
     assert same.check_settings() == []
     assert any("tenant_slots" in p for p in other_slots.check_settings())
     assert any("no application published" in p for p in other_prefix.check_settings())
-    # A running worker's re-check: nothing published (a Redis restarted empty) or
-    # unreadable settings are not a disagreement; other settings still are.
-    assert other_prefix.check_settings(unknown_ok=True) == []
-    assert any("tenant_slots" in p for p in other_slots.check_settings(unknown_ok=True))
+    # A running worker's re-check: nothing published (a Redis restarted empty) is not
+    # a disagreement, other settings still are, and unreadable ones raise (the worker
+    # keeps its last verdict).
+    assert other_prefix.check_settings(unpublished_ok=True) == []
+    assert any("tenant_slots" in p for p in other_slots.check_settings(unpublished_ok=True))
     unreachable = TieredCache(
         "shop", [RedisLayer(url="redis://127.0.0.1:1/0", socket_timeout=0.2)], broadcast=False
     )
     caches.append(unreachable)
-    assert unreachable.check_settings(unknown_ok=True) == []
+    with pytest.raises(BackendError):
+        unreachable.check_settings(unpublished_ok=True)
     assert any("cannot read" in p for p in unreachable.check_settings())
 
 

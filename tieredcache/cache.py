@@ -400,23 +400,25 @@ class TieredCache:
             self._stack, keys, tags, counters, everywhere=everywhere, only=layers
         )
 
-    def check_settings(self, *, unknown_ok: bool = False) -> list[str]:
+    def check_settings(self, *, unpublished_ok: bool = False) -> list[str]:
         """Problems that would make this cache's invalidations miss an application's
         entries: for each shared layer that keeps namespace state, what the
         application published (namespace, key prefix, tenant slots, lease protocol)
-        differs, or nothing was published or it cannot be read (unless ``unknown_ok``:
-        a running worker learns of a layer that is down from its invalidations). Empty
-        when all agree. For CDC workers (``check``, and every
-        ``settings_check_interval`` while running)."""
+        differs, or nothing was published (unless ``unpublished_ok``: a Redis restarted
+        empty has lost them until an application starts again), or they cannot be read
+        (with ``unpublished_ok``, raised as :class:`~tieredcache.errors.BackendError`
+        instead: a running worker keeps its last verdict). Empty when all agree. For CDC
+        workers (``check``, and every ``settings_check_interval`` while running)."""
         problems: list[str] = []
         for guard in self._stack.storage:
             layer = guard.layer
             if isinstance(layer, NamespaceStateLayer):
                 try:
-                    problems += layer.check_settings(self.namespace, unknown_ok)
+                    problems += layer.check_settings(self.namespace, unpublished_ok)
                 except BackendError as exc:
-                    if not unknown_ok:
-                        problems.append(f"layer {guard.name!r}: cannot read its settings: {exc}")
+                    if unpublished_ok:
+                        raise
+                    problems.append(f"layer {guard.name!r}: cannot read its settings: {exc}")
         return problems
 
     # -- get-or-load for loaders that are not decorated ---------------------------

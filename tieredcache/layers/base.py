@@ -178,13 +178,12 @@ class InProcessLayer(InvalidationLayer, Protocol):
         ...
 
     def resume(self) -> None:
-        """Accept fills again (after a resync)."""
-        ...
+        """Accept fills again (after a resync).
 
-    @property
-    def suspended(self) -> bool:
-        """Between :meth:`suspend` and :meth:`resume`: the engine does not offer it
-        sets (their refusal would read as a lease overtaken by an invalidation)."""
+        A layer may also have a ``suspended`` attribute (True between :meth:`suspend`
+        and :meth:`resume`): the engine then does not offer it sets, whose refusal
+        would read as a lease overtaken by an invalidation. It is not part of the
+        Protocol, so that layers written without it still are in-process layers."""
         ...
 
     def delete_tag_everywhere(self, namespace: str, name: str) -> None:
@@ -307,9 +306,10 @@ class NamespaceStateLayer(Protocol):
         application's keyspace settings, in the same round trip."""
         ...
 
-    def check_settings(self, namespace: str, unknown_ok: bool = False) -> list[str]:
+    def check_settings(self, namespace: str, unpublished_ok: bool = False) -> list[str]:
         """Problems with what the application published for ``namespace`` (empty: it
-        agrees); ``unknown_ok``: nothing published is not a problem."""
+        agrees); ``unpublished_ok``: nothing published is not a problem. Raises
+        :class:`~tieredcache.errors.BackendError` when the settings cannot be read."""
         ...
 
 

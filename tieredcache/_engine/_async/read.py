@@ -426,7 +426,7 @@ async def _set(
     overtaken and make a write drop the key everywhere)."""
     guard = req.stack.storage[position]
     if guard.local:
-        if guard.layer.suspended:
+        if getattr(guard.layer, "suspended", False):
             return None
         band = xfetch_band_start(entry, req.policy.early_refresh_beta)
         args: tuple[Any, ...] = (req.key, entry, entry, req.tags, lease, bump, req.alias, band)

@@ -256,15 +256,15 @@ class RedisLayer:
             "lease_protocol": LEASE_PROTOCOL,
         }
 
-    def check_settings(self, namespace: str, unknown_ok: bool = False) -> list[str]:
+    def check_settings(self, namespace: str, unpublished_ok: bool = False) -> list[str]:
         """Problems that would make this layer invalidate names nobody reads: what an
         application published for ``namespace`` under this key prefix differs, or
-        nothing was published (another prefix or namespace?), unless ``unknown_ok``
+        nothing was published (another prefix or namespace?), unless ``unpublished_ok``
         (a running worker: a Redis restarted without its data has lost them until an
         application starts again)."""
         published = self.sync_store().hash_get(self.keyspace.settings(namespace))
         if not published:
-            if unknown_ok:
+            if unpublished_ok:
                 return []
             return [
                 f"layer {self.name!r}: no application published keyspace settings for "
