@@ -25,6 +25,7 @@ from tieredcache import (
     current_tenant,
     tenant_scope,
 )
+from tieredcache.errors import TenantRequiredError
 from tieredcache.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -480,3 +481,37 @@ def test_stats_bound_tenant_cardinality_with_other(clock: FakeClock) -> None:
         assert tenants["t0"]["memory"].misses == 1
     finally:
         cache.close()
+
+
+async def test_the_one_argument_wrapper_keeps_the_general_wrappers_rules(
+    cache: TieredCache,
+) -> None:
+    """f(x) gets the wrapper chosen for one positional argument: equal but differently
+    typed arguments are still different entries, a keyword call finds the positional
+    call's entry, a wrong call raises TypeError, and a call without a tenant is an
+    error; the same for a coroutine function."""
+    loads: list[object] = []
+
+    @cache.cached(ttl=60)
+    def f(x: object) -> str:
+        loads.append(x)
+        return repr(x)
+
+    @cache.cached(ttl=60)
+    async def g(x: object) -> str:
+        loads.append(("g", x))
+        return repr(x)
+
+    assert f.cache_impl.one_argument and g.cache_impl.one_argument  # type: ignore[attr-defined]
+    with pytest.raises(TenantRequiredError):
+        f(1)
+    with tenant_scope("acme"):
+        assert [f(1), f(1.0), f(True), f(1), f(x=1)] == ["1", "1.0", "True", "1", "1"]
+        assert [await g(1), await g(True), await g(x=1)] == ["1", "True", "1"]
+        with pytest.raises(TypeError):
+            f(1, 2)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            await g()  # type: ignore[call-arg]
+        assert f([1]) == "[1]"  # unhashable: by its key
+        assert f([1]) == "[1]"
+    assert loads == [1, 1.0, True, ("g", 1), ("g", True), [1]]

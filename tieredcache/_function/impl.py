@@ -91,6 +91,15 @@ class CachedImpl:
             frozenset(self.builder._ignore - tenant_names),
         )
         self.alias_plain = not any(self.alias_dropped)
+        # f(x): one positional parameter, no default, no *args, the tenant from the
+        # scope. Its wrapper takes the argument by unpacking (see _function/wrapper).
+        self.one_argument = (
+            self.alias_plain
+            and self.tenant_param is None
+            and len(params) == 1
+            and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
+            and params[0].default is params[0].empty
+        )
         self.tenant_index = next(
             (
                 i
