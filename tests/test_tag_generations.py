@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from tieredcache import CacheKey, MemoryLayer, RedisLayer, TieredCache, tenant_scope
+from tieredcache import CacheKey, RedisLayer, TieredCache, tenant_scope
 from tieredcache.entry import Entry
 from tieredcache.keys import Tag
 
@@ -118,45 +118,6 @@ async def test_async_leases_create_the_generations_too(
     assert await layer.aset(key, b"old", _entry(), tags, lease) is False
     assert await layer.aset(locked_key, b"old", _entry(), tags, locked) is False
     await layer.aclose()
-
-
-def test_the_whole_race_through_the_cache_with_the_fill_lock(redis_url: str) -> None:
-    """As tests/test_leases.py's race, with the fill lock on (read-or-lock path): the
-    slow loader's stale value never lands after the tag invalidation."""
-    import threading
-
-    cache = TieredCache("gens", [MemoryLayer(), RedisLayer(url=redis_url)])
-    rows = {1: "v1"}
-    reading, release = threading.Event(), threading.Event()
-    calls = []
-
-    @cache.cached(ttl=60, tags=lambda row: [f"row:{row}"])
-    def get_row(row: int) -> str:
-        calls.append(row)
-        value = rows[row]
-        if len(calls) == 1:
-            reading.set()
-            assert release.wait(5)
-        return value
-
-    first: list[str] = []
-
-    def slow_reader() -> None:
-        with tenant_scope("acme"):
-            first.append(get_row(1))
-
-    reader = threading.Thread(target=slow_reader)
-    reader.start()
-    assert reading.wait(5)
-    rows[1] = "v2"
-    with tenant_scope("acme"):
-        assert cache.invalidate(tags=["row:1"]).ok
-    release.set()
-    reader.join()
-    with tenant_scope("acme"):
-        assert [get_row(1), get_row(1)] == ["v2", "v2"]
-    assert first == ["v1"] and len(calls) == 2
-    cache.close()
 
 
 def test_an_application_that_predates_the_protocol_is_reported(redis_url: str) -> None:
