@@ -593,11 +593,7 @@ class Worker:
                         result = first[ns]
                     elif side == "storage" and self._settings_disagree(ns):
                         # Held like a failing layer: paused, retried, nothing committed.
-                        self.metrics.layer_failures.labels("settings", "mismatch").inc()
-                        self.status.failing["settings"] = "mismatch"
-                        if ("settings", "mismatch") not in blocked:
-                            blocked.add(("settings", "mismatch"))
-                            self.metrics.blocked.labels("settings", "mismatch").set(1)
+                        self._failing("settings", "mismatch", blocked)
                         continue
                     else:
                         result = self.targets[ns].invalidate_many(items[ns], layers=layers)
@@ -606,12 +602,7 @@ class Worker:
                         if layer not in failed:
                             self.metrics.invalidations.labels(layer).inc(len(by_ns[ns]))
                     for failure in getattr(result, "failures", ()):
-                        self.metrics.layer_failures.labels(failure.layer, failure.reason).inc()
-                        self.status.failing[failure.layer] = failure.reason
-                        key = (failure.layer, failure.reason)
-                        if key not in blocked:
-                            blocked.add(key)
-                            self.metrics.blocked.labels(*key).set(1)
+                        self._failing(failure.layer, failure.reason, blocked)
                         if failure.retry_after:
                             retry_after = max(retry_after, failure.retry_after)
                     for layer in failed - {f.layer for f in getattr(result, "failures", ())}:
@@ -641,6 +632,15 @@ class Worker:
             for key in blocked:
                 self.metrics.blocked.labels(*key).set(0)
                 self.status.failing.pop(key[0], None)
+
+    def _failing(self, layer: str, reason: str, blocked: set[tuple[str, str]]) -> None:
+        """Count a failure of ``layer`` and show it (``/readyz``, the blocked gauge,
+        reset by :meth:`_apply` when the batch is through)."""
+        self.metrics.layer_failures.labels(layer, reason).inc()
+        self.status.failing[layer] = reason
+        if (layer, reason) not in blocked:
+            blocked.add((layer, reason))
+            self.metrics.blocked.labels(layer, reason).set(1)
 
     def _wait_paused(self, delay: float) -> bool:
         """Pause the assignment and keep polling for ``delay``; False when stopping."""

@@ -279,7 +279,8 @@ class RedisLayer:
                     f"layer {self.name!r}: the application (namespace {namespace!r}) "
                     f"takes leases by protocol {theirs or '1'!r}, this process by "
                     f"{mine!r}: invalidations from here would not refuse its fills "
-                    "of stale values (upgrade every application process before the workers)"
+                    "of stale values (processes of both protocols must not share a key "
+                    "prefix: see the README)"
                 )
             elif theirs is not None and theirs != mine:
                 problems.append(
